@@ -1,0 +1,1 @@
+"""amrg: AM-MRG radiology report generation."""
