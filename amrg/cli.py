@@ -1,0 +1,172 @@
+"""The ``amrg`` command: the only place that parses arguments.
+
+``fit|validate|test|predict`` go through LightningCLI (subclass mode for model and data); the
+other commands are plain typed functions that jsonargparse dispatches, their help taken from the
+docstrings. ``COMMANDS`` is the one table of subcommands; a test keeps it in step with the parsers.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = ["COMMANDS", "main"]
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+# ---- data -------------------------------------------------------------------------------------
+def data_synth(
+    *,
+    out: Path,
+    n: int = 1000,
+    seed: int = 0,
+    image_size: int = 224,
+    two_view_prob: float = 0.5,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> None:
+    """Write a synthetic chest X-ray dataset (PNGs + R2Gen annotation.json with labels and boxes).
+
+    Args:
+        out: output folder.
+        n: number of studies.
+        seed: generation seed; the same seed gives byte-identical files.
+        image_size: image side in pixels.
+        two_view_prob: probability that a study has a second view.
+        val_fraction: fraction of studies in the val split.
+        test_fraction: fraction of studies in the test split.
+    """
+    from amrg.data.synthetic import synthesize
+
+    path = synthesize(out, n=n, seed=seed, image_size=image_size, two_view_prob=two_view_prob,
+                      val_fraction=val_fraction, test_fraction=test_fraction)
+    print(f"wrote {n} synthetic studies: {path}")
+
+
+def data_check(annotation: Path, image_root: Path | None = None, decode: bool = False) -> None:
+    """Validate a prepared dataset: schema, every image, counts per split and label distribution.
+
+    Exits with status 1 when an image is missing or unreadable.
+
+    Args:
+        annotation: the annotation.json to check.
+        image_root: folder the image paths are relative to (default: the annotation's folder).
+        decode: fully decode every image (slower) instead of checking headers and structure.
+    """
+    from amrg.data.check import check_dataset
+
+    report = check_dataset(annotation, image_root=image_root, decode=decode)
+    print(report.format())
+    if not report.ok:
+        sys.exit(1)
+
+
+def data_preview(annotation: Path, *, out: Path, image_root: Path | None = None, n: int = 16,
+                 split: str = "train", seed: int = 0) -> None:
+    """Draw a grid of studies with their positive labels and sign boxes into a PNG.
+
+    Args:
+        annotation: the annotation.json (e.g. from ``amrg data synth``).
+        out: PNG file to write.
+        image_root: folder the image paths are relative to (default: the annotation's folder).
+        n: number of studies in the grid.
+        split: which split to draw from.
+        seed: which studies are picked.
+    """
+    from amrg.data.preview import preview_grid
+
+    root = image_root if image_root is not None else annotation.parent
+    path = preview_grid(annotation, root, out, n=n, split=split, seed=seed)
+    print(f"wrote {path}")
+
+
+# The one table of subcommands: name -> (handler, one-line help). Lightning ones have no handler.
+COMMANDS: dict[str, tuple[Callable[..., None] | None, str]] = {
+    "fit": (None, "train a model from a config (LightningCLI)"),
+    "validate": (None, "run the validation loop"),
+    "test": (None, "run the test loop"),
+    "predict": (None, "run prediction"),
+    "data synth": (data_synth, "write a synthetic chest X-ray dataset"),
+    "data check": (data_check, "validate an annotation and its images"),
+    "data preview": (data_preview, "draw a PNG grid of studies with labels and boxes"),
+}
+
+
+def _groups() -> dict[str, dict[str, Callable[..., None]]]:
+    groups: dict[str, dict[str, Callable[..., None]]] = {}
+    for name, (fn, _) in COMMANDS.items():
+        if " " in name and fn is not None:
+            group, sub = name.split(" ", 1)
+            groups.setdefault(group, {})[sub] = fn
+    return groups
+
+
+def _usage() -> str:
+    width = max(len(k) for k in COMMANDS)
+    rows = "\n".join(f"  amrg {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
+    return (
+        "usage: amrg COMMAND [options]   (amrg COMMAND --help for its options)\n\n"
+        "AM-MRG chest X-ray report generation.\n\ncommands:\n" + rows + "\n"
+    )
+
+
+def _dashes_to_underscores(args: Sequence[str]) -> list[str]:
+    # jsonargparse names options after the Python parameters (--image_size); accept --image-size too.
+    out = []
+    for a in args:
+        if a.startswith("--") and len(a) > 2:
+            key, sep, value = a[2:].partition("=")
+            a = "--" + key.replace("-", "_") + sep + value
+        out.append(a)
+    return out
+
+
+class _AMRGLightningCLI:
+    """Lazily-built LightningCLI subclass (keeps ``amrg --help`` and data commands fast)."""
+
+    @staticmethod
+    def run(args: list[str]) -> None:
+        from jsonargparse import set_docstring_parse_options
+        from lightning.pytorch.cli import LightningCLI
+
+        set_docstring_parse_options(attribute_docstrings=True)
+
+        class AMRGCLI(LightningCLI):
+            pass
+
+        AMRGCLI(
+            model_class=None,
+            datamodule_class=None,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``amrg`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    command = argv[0]
+    if command in LIGHTNING_COMMANDS:
+        _AMRGLightningCLI.run(argv)
+        return
+    groups = _groups()
+    if command in groups:
+        from jsonargparse import CLI, set_docstring_parse_options
+
+        set_docstring_parse_options(attribute_docstrings=True)
+        CLI(groups[command], args=_dashes_to_underscores(argv[1:]), prog=f"amrg {command}", as_positional=True)
+        return
+    print(f"amrg: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

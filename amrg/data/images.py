@@ -1,0 +1,85 @@
+"""Reading chest radiographs into normalised RGB tensors.
+
+Any PIL-readable file works: 8-bit grayscale, 16-bit PNG (DICOM exports), RGB/RGBA, palette and
+JPEG. Radiographs are single-channel, so every image is reduced to luminance, scaled to [0, 1],
+resized, replicated to 3 channels and normalised with the ImageNet statistics the Swin backbones
+were trained with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BadImageError", "load_image", "read_grayscale", "train_augmentation"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BadImageError(ValueError):
+    """An image is missing, unreadable or of an unsupported kind."""
+
+
+def read_grayscale(path: Path) -> Image.Image:
+    """Read an image file as a PIL "F" (float32) image with values in [0, 1].
+
+    8-bit data is divided by 255. Deeper data (16-bit PNG, 32-bit integer) is min-max scaled per
+    image, because DICOM exports often fill only 10-12 of their 16 bits. Alpha is dropped.
+
+    Raises:
+        BadImageError: the file is missing, not an image, truncated or of an unsupported mode.
+    """
+    if not path.is_file():
+        raise BadImageError(f"image {path} not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                arr = np.asarray(img, dtype=np.float32)
+                lo, hi = float(arr.min()), float(arr.max())
+                arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+                return Image.fromarray(arr, mode="F")
+            if mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+                gray = img.convert("RGB").convert("L") if mode not in ("L", "LA") else img.convert("L")
+                arr = np.asarray(gray, dtype=np.float32) / 255.0
+                return Image.fromarray(arr, mode="F")
+            raise BadImageError(f"image {path} has unsupported mode {mode!r}")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise BadImageError(f"image {path} is unreadable or corrupt: {e}") from None
+
+
+def train_augmentation() -> Callable[[Tensor], Tensor]:
+    """Mild geometric and exposure jitter for training, on a [1, H, W] image in [0, 1].
+
+    No horizontal flip: reports name sides ("left pleural effusion"), so a flip would make the
+    image contradict its report.
+    """
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.RandomAffine(degrees=5, translate=(0.03, 0.03), scale=(0.95, 1.05)),
+        v2.ColorJitter(brightness=0.1, contrast=0.1),
+    ])
+
+
+def load_image(path: Path, image_size: int, augment: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Read, resize, optionally augment, and normalise one view.
+
+    Returns:
+        Normalised RGB tensor, [3, image_size, image_size] float32.
+    """
+    gray = read_grayscale(path).resize((image_size, image_size), Image.Resampling.BILINEAR)
+    x = torch.from_numpy(np.asarray(gray, dtype=np.float32).copy()).unsqueeze(0)  # [1, H, W]
+    if augment is not None:
+        x = augment(x).clamp_(0.0, 1.0)
+    x = x.expand(3, -1, -1)  # [3, H, W]
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std

@@ -1,0 +1,63 @@
+"""DataModules: batches of the documented shapes, presets, label filling."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from amrg.data import Batch, IUXrayDataModule, MIMICCXRDataModule, ReportDataModule
+from amrg.data.datamodules import CheXpertPlusDataModule
+
+
+def test_report_datamodule_batches(make_dataset) -> None:
+    path = make_dataset()
+    dm = ReportDataModule(path, image_size=16, max_views=2, batch_size=3, num_workers=0, augment=True)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("fit")  # safe twice
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, Batch)
+    assert batch.images.shape == (3, 2, 3, 16, 16)
+    assert batch.view_mask.dtype == torch.bool and batch.labels.shape == (3, 14)
+    val = list(dm.val_dataloader())
+    assert sum(len(b) for b in val) == 2
+    assert len(list(dm.test_dataloader())[0]) == 2 and len(list(dm.predict_dataloader())[0]) == 2
+
+
+def test_presets() -> None:
+    iu = IUXrayDataModule(Path("a.json"))
+    mimic = MIMICCXRDataModule(Path("a.json"), batch_size=4)
+    plus = CheXpertPlusDataModule(Path("a.json"))
+    assert (iu.hparams.cleaning, iu.hparams.max_views) == ("iu_xray", 2)
+    assert (mimic.hparams.cleaning, mimic.hparams.max_views, mimic.hparams.batch_size) == ("mimic_cxr", 1, 4)
+    assert (plus.hparams.cleaning, plus.hparams.max_views) == ("mimic_cxr", 1)
+
+
+def test_missing_split_loader_error(make_dataset) -> None:
+    path = make_dataset({"train": 2})
+    dm = ReportDataModule(path, image_size=16, batch_size=2, num_workers=0)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"no 'val' split to load"):
+        dm.val_dataloader()
+
+
+def test_unlabelled_studies_keep_nan_without_labeler(make_dataset) -> None:
+    path = make_dataset(labels=False)
+    dm = ReportDataModule(path, image_size=16, batch_size=2, num_workers=0, labels_from_reports=False)
+    dm.setup("fit")
+    assert torch.isnan(next(iter(dm.train_dataloader())).labels).all()
+
+
+def test_bad_batch_size() -> None:
+    with pytest.raises(ValueError, match="data.init_args.batch_size must be >= 1"):
+        ReportDataModule(Path("a.json"), batch_size=0)
+
+
+def test_image_root_override(make_dataset, tmp_path: Path) -> None:
+    path = make_dataset()
+    moved = tmp_path / "elsewhere.json"
+    moved.write_text(json.dumps(json.loads(path.read_text())))
+    dm = ReportDataModule(moved, image_root=path.parent, image_size=16, batch_size=2, num_workers=0)
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader())).images.shape[0] == 2
