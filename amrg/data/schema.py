@@ -14,6 +14,7 @@ the file, split, index, id and field.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from collections.abc import Iterable, Iterator
@@ -27,6 +28,8 @@ __all__ = ["SPLITS", "Annotation", "AnnotationError", "SignBox", "Study", "load_
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 _LABEL_VALUES = {1, 0, -1}
 _MAX_LISTED = 25
+_OK_LABEL_TYPES = frozenset({int, type(None)})
+_OK_LABEL_VALUES = frozenset({1, 0, -1, None})
 
 
 class AnnotationError(ValueError):
@@ -146,6 +149,42 @@ def _parse_boxes(raw: object, n_views: int, where: str, problems: list[str]) -> 
     return tuple(boxes)
 
 
+class _Compact(tuple):
+    """A record that passed the fast checks while the JSON was parsed: (id, report, paths,
+    split field, labels). Building these inside the JSON decoder keeps the raw dicts of a
+    MIMIC-size file (~276k studies) from ever being in memory all at once."""
+
+
+def _compact_hook(label_cache: dict):
+    def hook(rec: dict) -> object:
+        if "image_path" not in rec or "boxes" in rec:
+            return rec
+        rec_id, report, paths = rec.get("id"), rec.get("report"), rec.get("image_path")
+        if not (type(rec_id) is str and rec_id and not rec_id.isspace()):
+            return rec
+        if not (type(report) is str and report and not report.isspace()):
+            return rec
+        if type(paths) is not list or not paths or not all(type(p) is str and p and not p.isspace() for p in paths):
+            return rec
+        labels = rec.get("labels")
+        if labels is not None:
+            if (type(labels) is not list or len(labels) != NUM_LABELS
+                    or not _OK_LABEL_TYPES.issuperset(map(type, labels))
+                    or not _OK_LABEL_VALUES.issuperset(labels)):
+                return rec
+            labels = tuple(labels)
+            labels = label_cache.setdefault(labels, labels)  # identical label vectors share one tuple
+        return _Compact((rec_id, report, tuple(paths), rec.get("split"), labels))
+
+    return hook
+
+
+def _expand(rec: _Compact) -> dict:
+    rec_id, report, paths, rec_split, labels = rec
+    return {"id": rec_id, "report": report, "image_path": list(paths), "split": rec_split,
+            "labels": None if labels is None else list(labels)}
+
+
 def _parse_record(rec: object, path: Path, split: str, index: int, problems: list[str]) -> Study | None:
     if not isinstance(rec, dict):
         problems.append(f"{path.name}: {split}[{index}]: a record must be an object, got {type(rec).__name__}")
@@ -193,9 +232,21 @@ def load_annotation(path: str | Path, splits: Iterable[str] | None = None) -> An
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} not found (set data.init_args.annotation)")
+    # Hundreds of thousands of new objects would trigger repeated full cyclic-GC passes; none of
+    # them can form a cycle, so collection is paused while they are built.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _load(path, splits)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _load(path: Path, splits: Iterable[str] | None) -> Annotation:
     try:
         with path.open("rb") as f:
-            raw = json.load(f)
+            raw = json.load(f, object_hook=_compact_hook({}))
     except json.JSONDecodeError as e:
         raise AnnotationError(path, [f"{path.name}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"]) from None
     except UnicodeDecodeError as e:
@@ -216,8 +267,17 @@ def load_annotation(path: str | Path, splits: Iterable[str] | None = None) -> An
             problems.append(f"{path.name}: split {split!r} must be a list of records, got {type(records).__name__}")
             continue
         studies = []
-        for i, rec in enumerate(records):
-            study = _parse_record(rec, path, split, i, problems)
+        # Records are released as they are converted, so the raw JSON and the studies are never
+        # both whole in memory (MIMIC-CXR: ~276k studies).
+        records.reverse()
+        i = -1
+        while records:
+            rec = records.pop()
+            i += 1
+            if type(rec) is _Compact and rec[3] in (None, split):
+                study = Study(rec[0], rec[1], rec[2], split, rec[4])
+            else:
+                study = _parse_record(dict(_expand(rec)) if type(rec) is _Compact else rec, path, split, i, problems)
             if study is None:
                 continue
             first = seen.get(study.id)
