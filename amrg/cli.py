@@ -123,15 +123,21 @@ def _dashes_to_underscores(args: Sequence[str]) -> list[str]:
     return out
 
 
+def _parsing_settings() -> None:
+    from jsonargparse import set_parsing_settings
+
+    # help text for dataclass fields comes from their attribute docstrings
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
 class _AMRGLightningCLI:
     """Lazily-built LightningCLI subclass (keeps ``amrg --help`` and data commands fast)."""
 
     @staticmethod
     def run(args: list[str]) -> None:
-        from jsonargparse import set_docstring_parse_options
         from lightning.pytorch.cli import LightningCLI
 
-        set_docstring_parse_options(attribute_docstrings=True)
+        _parsing_settings()
 
         class AMRGCLI(LightningCLI):
             pass
@@ -159,9 +165,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     groups = _groups()
     if command in groups:
-        from jsonargparse import CLI, set_docstring_parse_options
+        from jsonargparse import CLI
 
-        set_docstring_parse_options(attribute_docstrings=True)
+        _parsing_settings()
         CLI(groups[command], args=_dashes_to_underscores(argv[1:]), prog=f"amrg {command}", as_positional=True)
         return
     print(f"amrg: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)

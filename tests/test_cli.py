@@ -1,0 +1,79 @@
+"""The `amrg` command: one table of subcommands, help from docstrings, data commands end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from amrg import cli
+
+
+def _amrg(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "amrg.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def test_help_lists_every_command(capsys) -> None:
+    cli.main(["--help"])
+    out = capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert f"amrg {name}" in out
+
+
+def test_table_matches_parsers() -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    lightning = {name for name, (fn, _) in cli.COMMANDS.items() if fn is None}
+    assert lightning == set(LightningCLI.subcommands()) == set(cli.LIGHTNING_COMMANDS)
+    for name, (fn, help_) in cli.COMMANDS.items():
+        assert help_, name
+        if fn is not None:
+            assert " " in name and fn.__doc__, f"{name}: a grouped command with a docstring"
+
+
+@pytest.mark.parametrize("name", [n for n, (fn, _) in cli.COMMANDS.items() if fn is not None])
+def test_command_help_shows_docstring(name: str, capsys) -> None:
+    fn = cli.COMMANDS[name][0]
+    with pytest.raises(SystemExit) as info:
+        cli.main([*name.split(), "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert fn.__doc__.splitlines()[0].strip()[:40] in " ".join(out.split())
+
+
+def test_unknown_command_exits_2(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["frobnicate"])
+    assert info.value.code == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_dashed_options_are_accepted() -> None:
+    assert cli._dashes_to_underscores(["--image-size", "64", "--two-view-prob=0.5", "x-y"]) == [
+        "--image_size", "64", "--two_view_prob=0.5", "x-y"]
+
+
+def test_data_check_reports_and_fails_on_missing(make_dataset) -> None:
+    path = make_dataset()
+    ok = _amrg("data", "check", str(path))
+    assert ok.returncode == 0, ok.stderr
+    assert "train" in ok.stdout and "missing images: 0" in ok.stdout
+    (path.parent / "val_000" / "0.png").unlink()
+    bad = _amrg("data", "check", str(path), "--image-root", str(path.parent))
+    assert bad.returncode == 1
+    assert "val id='val_000'" in bad.stdout
+
+
+def test_data_synth_check_preview(tmp_path: Path) -> None:
+    out = tmp_path / "synth"
+    res = _amrg("data", "synth", "--out", str(out), "--n", "12", "--seed", "3", "--image-size", "64")
+    assert res.returncode == 0, res.stderr
+    ann = json.loads((out / "annotation.json").read_text())
+    assert sum(len(v) for v in ann.values()) == 12
+    assert _amrg("data", "check", str(out / "annotation.json")).returncode == 0
+    grid = tmp_path / "grid.png"
+    res = _amrg("data", "preview", str(out / "annotation.json"), "--out", str(grid), "--n", "4")
+    assert res.returncode == 0, res.stderr
+    assert grid.stat().st_size > 0
