@@ -6,8 +6,9 @@ for importing torch and Lightning.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from amrg._lazy import lazy_getattr
 
 _EXPORTS = {
     "Annotation": "amrg.data.schema",
@@ -59,7 +60,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from amrg.data.schema import Annotation, AnnotationError, Study, load_annotation
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'amrg.data' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
