@@ -3,6 +3,7 @@
 from amrg._lazy import lazy_getattr
 
 _EXPORTS = {
+    "CheXbertLabeler": "amrg.metrics.labeler",
     "CheXpertLabeler": "amrg.metrics.labeler",
     "ClinicalEfficacy": "amrg.metrics.clinical",
     "NLGScores": "amrg.metrics.nlg",
@@ -10,6 +11,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "CheXbertLabeler",
     "CheXpertLabeler",
     "ClinicalEfficacy",
     "NLGScores",

