@@ -61,3 +61,25 @@ def test_image_root_override(make_dataset, tmp_path: Path) -> None:
     dm = ReportDataModule(moved, image_root=path.parent, image_size=16, batch_size=2, num_workers=0)
     dm.setup("fit")
     assert next(iter(dm.train_dataloader())).images.shape[0] == 2
+
+
+def test_unlabelled_studies_labelled_from_reports_and_cached(make_dataset, tmp_path: Path) -> None:
+    # conftest reports say "The heart is normal in size. No pleural effusion." -> effusion negated
+    path = make_dataset(labels=False)
+    cache = tmp_path / "cache"
+    dm = ReportDataModule(path, image_size=16, batch_size=8, num_workers=0, cache_dir=cache)
+    dm.prepare_data()
+    files = list(cache.glob("*.labels.json"))
+    assert len(files) == 1
+    dm.setup("fit")
+    labels = next(iter(dm.train_dataloader())).labels
+    effusion = 9  # LABELS.index("Pleural Effusion")
+    assert (labels[:, effusion] == 0).all()
+    assert (labels[:, 13] == 1).all()  # No Finding: nothing positive
+    # setup reads the cache, it does not relabel: a doctored cache shows through
+    data = json.loads(files[0].read_text())
+    data = {k: [1] * 14 for k in data}
+    files[0].write_text(json.dumps(data))
+    dm2 = ReportDataModule(path, image_size=16, batch_size=8, num_workers=0, cache_dir=cache)
+    dm2.setup("fit")
+    assert (next(iter(dm2.train_dataloader())).labels == 1).all()
