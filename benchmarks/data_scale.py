@@ -19,9 +19,14 @@ import time
 from pathlib import Path
 
 _PHRASES = [
-    "The lungs are clear.", "No pleural effusion or pneumothorax.", "Heart size is normal.",
-    "There is mild cardiomegaly.", "Small left pleural effusion.", "Cannot exclude early pneumonia.",
-    "Right internal jugular central line tip in the SVC.", "Bibasilar atelectasis.",
+    "The lungs are clear.",
+    "No pleural effusion or pneumothorax.",
+    "Heart size is normal.",
+    "There is mild cardiomegaly.",
+    "Small left pleural effusion.",
+    "Cannot exclude early pneumonia.",
+    "Right internal jugular central line tip in the SVC.",
+    "Bibasilar atelectasis.",
 ]
 
 # (a) load + validate alone: the data layer's schema needs no torch.
@@ -70,11 +75,16 @@ def synthesise(path: Path, n: int, seed: int = 0) -> None:
     for i in range(n):
         split = "train" if i < n * 0.98 else ("val" if i < n * 0.99 else "test")
         pid, sid = 10000000 + i // 3, 50000000 + i
-        views = [f"p{str(pid)[:2]}/p{pid}/s{sid}/{rng.getrandbits(64):016x}.jpg" for _ in range(rng.choice((1, 1, 2, 3)))]
+        views = [
+            f"p{str(pid)[:2]}/p{pid}/s{sid}/{rng.getrandbits(64):016x}.jpg"
+            for _ in range(rng.choice((1, 1, 2, 3)))
+        ]
         report = " ".join(rng.sample(_PHRASES, 4))
         # CheXpert-like sparsity: most labels not mentioned, some negative, few positive/uncertain
         labels = [rng.choices((None, 0, 1, -1), weights=(70, 18, 9, 3))[0] for _ in range(14)]
-        splits[split].append({"id": f"{sid}", "report": report, "image_path": views, "split": split, "labels": labels})
+        splits[split].append(
+            {"id": f"{sid}", "report": report, "image_path": views, "split": split, "labels": labels}
+        )
     path.write_text(json.dumps(splits))
 
 
@@ -90,17 +100,24 @@ def main() -> None:
         size_mb = path.stat().st_size / 2**20
         runs = {}
         for name, child in (("schema", _CHILD_SCHEMA), ("datamodule", _CHILD_DATAMODULE)):
-            out = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", child, str(path)], capture_output=True, text=True, check=True
+            )
             runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
     s, d = runs["schema"], runs["datamodule"]
     print(f"annotation: {s['studies']} studies, {size_mb:.1f} MB JSON (synthesised in {gen:.1f} s)\n")
     print(f"{'step':<44}{'seconds':>9}{'peak RSS MB':>13}{'images opened':>15}")
-    print(f"{'load_annotation (validate all records)':<44}{s['seconds']:>9.2f}{s['peak_rss_mb']:>13.0f}{'-':>15}")
-    print(f"{'MIMICCXRDataModule.setup (datasets built)':<44}{d['seconds']:>9.2f}{d['peak_rss_mb']:>13.0f}"
-          f"{d['images_opened']:>15}")
+    print(
+        f"{'load_annotation (validate all records)':<44}{s['seconds']:>9.2f}{s['peak_rss_mb']:>13.0f}{'-':>15}"
+    )
+    print(
+        f"{'MIMICCXRDataModule.setup (datasets built)':<44}{d['seconds']:>9.2f}{d['peak_rss_mb']:>13.0f}"
+        f"{d['images_opened']:>15}"
+    )
     print(f"{'  of which: importing torch + lightning':<44}{'':>9}{d['import_rss_mb']:>13.0f}")
     print(f"{'  of which: the data':<44}{'':>9}{d['peak_rss_mb'] - d['import_rss_mb']:>13.0f}")
     print("\ntargets: <= 10 s and <= 1024 MB to load and validate; 0 images opened while building")
+
 
 if __name__ == "__main__":
     main()
