@@ -87,6 +87,10 @@ class ReportDataModule(L.LightningDataModule):
         if batch_size < 1:
             raise ValueError(f"data.init_args.batch_size must be >= 1, got {batch_size}")
         self.save_hyperparameters(logger=False)
+        # Paths stored as text, so checkpoints load with torch.load(weights_only=True).
+        for key, value in list(self.hparams.items()):
+            if isinstance(value, Path):
+                self.hparams[key] = str(value)
         self.annotation_path = Path(annotation)
         self.image_root = Path(image_root) if image_root is not None else None
         self.annotation: Annotation | None = None

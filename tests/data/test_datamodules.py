@@ -83,3 +83,12 @@ def test_unlabelled_studies_labelled_from_reports_and_cached(make_dataset, tmp_p
     dm2 = ReportDataModule(path, image_size=16, batch_size=8, num_workers=0, cache_dir=cache)
     dm2.setup("fit")
     assert (next(iter(dm2.train_dataloader())).labels == 1).all()
+
+
+def test_hparams_hold_no_path_objects(tmp_path: Path) -> None:
+    # a PosixPath in a checkpoint's datamodule hparams breaks torch.load(weights_only=True)
+    from amrg.data import SyntheticDataModule
+
+    for dm in (ReportDataModule(tmp_path / "a.json", image_root=tmp_path, cache_dir=tmp_path),
+               SyntheticDataModule(root=tmp_path, n=4)):
+        assert not any(isinstance(v, Path) for v in dm.hparams.values()), dict(dm.hparams)
