@@ -1,0 +1,402 @@
+"""ClassifierModule: label policies, loss, metrics, optimiser wiring, checkpoint round trips (Python and CLI)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from amrg.data.batch import Batch
+from amrg.labels import LABELS
+from amrg.models.classifier import DiseaseClassifier
+from amrg.models.qformer import DiseaseQFormer
+from amrg.models.vision import VisionEncoder
+from amrg.modules._optim import WarmupCosineLR, param_groups
+from amrg.modules.classifier import ClassifierModule, _StageMetrics, label_targets, load_classifier
+
+NAN = float("nan")
+ENCODER = dict(img_size=32, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4)
+QFORMER = dict(vision_width=32, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, dropout=0.0)
+
+
+def _net(seed: int = 0) -> DiseaseClassifier:
+    torch.manual_seed(seed)
+    return DiseaseClassifier(VisionEncoder(**ENCODER), DiseaseQFormer(**QFORMER))
+
+
+def _batch(n: int = 4, seed: int = 0, views: int = 2) -> Batch:
+    """Studies whose label i is positive when the top-left quadrant of channel i % 3 is bright."""
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(n, 14, generator=g) > 0.5).float()
+    images = torch.randn(n, views, 3, 32, 32, generator=g) * 0.1
+    images[:, :, 0, :16, :16] += 2.0 * labels[:, None, 1, None, None]
+    images[:, :, 1, 16:, 16:] += 2.0 * labels[:, None, 9, None, None]
+    labels[0, 2] = -1.0  # an uncertain mention
+    labels[1, 3] = NAN  # a label the report does not mention
+    view_mask = torch.ones(n, views, dtype=torch.bool)
+    view_mask[-1, -1] = False
+    return Batch(
+        ids=[f"s{seed}-{i}" for i in range(n)],
+        images=images,
+        view_mask=view_mask,
+        reports=["no acute findings ."] * n,
+        labels=labels,
+    )
+
+
+class TinyData(L.LightningDataModule):
+    """A few in-memory batches; importable by class path for the LightningCLI round trip."""
+
+    def __init__(self, n_batches: int = 2, batch_size: int = 4) -> None:
+        super().__init__()
+        self.n_batches, self.batch_size = n_batches, batch_size
+
+    def _loader(self, offset: int) -> DataLoader:
+        batches = [_batch(self.batch_size, seed=offset + i) for i in range(self.n_batches)]
+        return DataLoader(batches, batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(100)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(100)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(100)
+
+
+def _trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+# ---------------------------------------------------------------------- policies and loss
+RAW = torch.tensor([[1.0, 0.0, -1.0, NAN]])
+
+
+@pytest.mark.parametrize(
+    ("uncertain", "missing", "targets", "weights"),
+    [
+        ("ignore", "negative", [1, 0, 0, 0], [1, 1, 0, 1]),
+        ("positive", "negative", [1, 0, 1, 0], [1, 1, 1, 1]),
+        ("negative", "ignore", [1, 0, 0, 0], [1, 1, 1, 0]),
+        ("ignore", "ignore", [1, 0, 0, 0], [1, 1, 0, 0]),
+    ],
+)
+def test_label_policies(uncertain, missing, targets, weights):
+    t, w = label_targets(RAW, uncertain, missing)
+    assert t.tolist() == [targets] and w.tolist() == [weights]
+
+
+def test_unknown_label_codes_are_rejected():
+    with pytest.raises(ValueError, match=r"found \[2\.0\]"):
+        label_targets(torch.tensor([[1.0, 2.0]]))
+
+
+def _module(**kwargs) -> ClassifierModule:
+    return ClassifierModule(net=_net(), **kwargs)
+
+
+def test_loss_matches_hand_computation_for_each_policy():
+    labels = torch.full((1, 14), NAN)
+    labels[0, :4] = torch.tensor([1.0, 0.0, -1.0, NAN])
+    logits = torch.zeros(1, 14)
+    logits[0, 0] = 2.0
+    bce_pos = math.log1p(math.exp(-2.0))  # label 0: positive, logit 2
+    ln2 = math.log(2.0)  # every other entry has logit 0
+    # ignore/negative: 13 counted entries (only the uncertain one is dropped).
+    loss, targets = _module(uncertain="ignore", missing="negative").loss_fn(logits, labels)
+    assert loss.item() == pytest.approx((bce_pos + 12 * ln2) / 13, rel=1e-5)
+    assert targets[0, :4].tolist() == [1, 0, -1, 0]
+    # positive/ignore: only labels 0, 1, 2 count (the 11 NaNs are dropped).
+    loss, targets = _module(uncertain="positive", missing="ignore").loss_fn(logits, labels)
+    assert loss.item() == pytest.approx((bce_pos + 2 * ln2) / 3, rel=1e-5)
+    assert targets[0, :4].tolist() == [1, 0, 1, -1]
+
+
+def test_label_smoothing_and_pos_weight_match_hand_computation():
+    labels = torch.zeros(1, 14)
+    labels[0, 0] = 1.0
+    logits = torch.zeros(1, 14)
+    module = _module(label_smoothing=0.2, pos_weight=[3.0] + [1.0] * 13, missing="ignore")
+    loss, _ = module.loss_fn(logits, labels)
+    # BCE(x=0, y, pw) = -(pw*y*log(1/2) + (1-y)*log(1/2)) = ln2 * (pw*y + 1 - y)
+    ln2 = math.log(2.0)
+    first = ln2 * (3.0 * 0.9 + 0.1)  # positive, smoothed to 0.9
+    others = ln2 * (0.1 + 0.9)  # negatives, smoothed to 0.1, pos_weight 1
+    assert loss.item() == pytest.approx((first + 13 * others) / 14, rel=1e-5)
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="pos_weight needs 14 values"):
+        _module(pos_weight=[1.0, 2.0])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        _module(label_smoothing=1.0)
+
+
+# ---------------------------------------------------------------------- optimisation
+def test_a_few_optimisation_steps_lower_the_loss():
+    module = _module(optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
+    opt = module.configure_optimizers()
+    batch = _batch(8)
+    losses = []
+    for _ in range(20):
+        loss, _ = module.loss_fn(module(batch.images, batch.view_mask), batch.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_no_weight_decay_below_two_dims_and_frozen_parameters_left_out():
+    net = _net()
+    net.encoder.backbone.requires_grad_(False)
+    groups = param_groups(net.named_parameters())
+    decay, no_decay = groups
+    assert "weight_decay" not in decay and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    trainable = {id(p) for p in net.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trainable
+    assert not any(id(p) in trainable for p in net.encoder.parameters())
+
+
+def test_warmup_cosine_schedule():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupCosineLR(opt, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(15):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])  # (step + 1) / (warmup + 1)
+    assert lrs[4] == pytest.approx(1.0)  # cosine starts at the base LR
+    assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the 10 cosine steps
+    assert lrs[14] == pytest.approx(0.1)  # floor at min_lr_ratio
+
+
+def test_scheduler_total_steps_come_from_the_trainer(tmp_path):
+    module = _module(
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        scheduler=lambda opt: WarmupCosineLR(opt, warmup_steps=1),
+    )
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    trainer.fit(module, TinyData())
+    sched = trainer.lr_scheduler_configs[0]
+    assert sched.interval == "step" and sched.scheduler.total_steps == 3
+
+
+# ---------------------------------------------------------------------- metrics
+def test_auroc_mean_skips_labels_without_both_classes():
+    metrics = _StageMetrics(14, threshold=0.5)
+    target = torch.zeros(4, 14, dtype=torch.long)
+    target[:2, 0] = 1  # label 0: two positives, two negatives
+    target[:, 1] = torch.tensor([1, 0, -1, 0])  # label 1: the ignored entry (-1) is not scored
+    probs = torch.full((4, 14), 0.3)
+    probs[:, 0] = torch.tensor([0.9, 0.8, 0.1, 0.2])  # perfect ranking for label 0
+    probs[:, 1] = torch.tensor([0.2, 0.4, 0.9, 0.1])  # 0.5 for label 1: 0.2 beats 0.1 but not 0.4
+    metrics.update(probs, target)
+    out = metrics.compute()
+    assert out["auroc"][0].item() == pytest.approx(1.0)
+    assert out["auroc"][1].item() == pytest.approx(0.5)
+    assert torch.isnan(out["auroc"][2:]).all()  # labels 2..13 have no positives
+    assert out["auroc_mean"].item() == pytest.approx(0.75)
+
+
+def test_fit_logs_the_documented_metrics_and_predict_returns_ids(tmp_path):
+    module = _module(optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(module, TinyData())
+    logged = trainer.callback_metrics
+    for key in ("train/loss", "val/loss", "val/auroc_mean", "val/f1_micro", "val/f1_macro", "train/auroc_mean"):
+        assert key in logged, key
+    for name in LABELS:
+        assert f"val/auroc/{name.replace(' ', '_')}" in logged
+    out = trainer.predict(module, TinyData(n_batches=1))
+    assert out[0]["ids"] == [f"s100-{i}" for i in range(4)]
+    assert out[0]["probs"].shape == (4, 14)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def test_python_checkpoint_round_trip_gives_the_same_logits(tmp_path):
+    module = _module(optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    trainer = _trainer(tmp_path)
+    trainer.fit(module, TinyData())
+    path = tmp_path / "stage1.ckpt"
+    trainer.save_checkpoint(path)
+    batch = _batch(2, seed=7)
+    expected = module.net.eval()(batch.images, batch.view_mask)
+    ckpt = torch.load(path, weights_only=True)  # built in Python: no pickled objects in hparams
+    assert "net" not in ckpt["hyper_parameters"] and ckpt["hyper_parameters"]["uncertain"] == "ignore"
+    reloaded = ClassifierModule.load_from_checkpoint(path, net=_net(seed=1)).eval()
+    assert torch.allclose(reloaded(batch.images, batch.view_mask), expected, atol=1e-6)
+    net = load_classifier(path, net=_net(seed=2))
+    assert torch.allclose(net(batch.images, batch.view_mask), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="stage1.ckpt: holds no net config"):
+        load_classifier(path)
+
+
+def test_cli_checkpoint_rebuilds_the_net_from_the_checkpoint_alone(tmp_path, monkeypatch):
+    from lightning.pytorch.cli import LightningCLI
+    from safetensors.torch import save_file
+
+    # An ImageNet-style encoder file the config points at; it is deleted before reloading, which
+    # shows that reloading takes every weight from the checkpoint and never re-reads this file.
+    init_file = tmp_path / "swin_init.safetensors"
+    save_file(VisionEncoder(**ENCODER).backbone.state_dict(), str(init_file))
+    encoder_args = {**ENCODER, "checkpoint_path": str(init_file)}
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 2,
+            "limit_val_batches": 1,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp_path),
+        },
+        "model": {
+            "class_path": "amrg.modules.classifier.ClassifierModule",
+            "init_args": {
+                "net": {
+                    "class_path": "amrg.models.classifier.DiseaseClassifier",
+                    "init_args": {
+                        "encoder": {"class_path": "amrg.models.vision.VisionEncoder", "init_args": encoder_args},
+                        "qformer": {"class_path": "amrg.models.qformer.DiseaseQFormer", "init_args": QFORMER},
+                    },
+                },
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3, "weight_decay": 0.05}},
+                "scheduler": {"class_path": "amrg.modules._optim.WarmupCosineLR", "init_args": {"warmup_steps": 1}},
+                "uncertain": "positive",
+            },
+        },
+        "data": {"class_path": f"{__name__}.TinyData", "init_args": {"n_batches": 2}},
+    }
+    monkeypatch.setattr("sys.argv", ["amrg"])  # the config comes from args, not pytest's command line
+    cli = LightningCLI(run=False, args=config, save_config_callback=None)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    path = tmp_path / "cli.ckpt"
+    cli.trainer.save_checkpoint(path)
+    init_file.unlink()
+
+    ckpt = torch.load(path, weights_only=True)
+    hparams = ckpt["hyper_parameters"]
+    assert hparams["_class_path"] == "amrg.modules.classifier.ClassifierModule"
+    assert hparams["net"]["init_args"]["encoder"]["init_args"]["checkpoint_path"] is None
+    assert cli.model.hparams["net"]["init_args"]["encoder"]["init_args"]["checkpoint_path"] == str(init_file)
+
+    batch = _batch(2, seed=7)
+    expected = cli.model.net.eval()(batch.images, batch.view_mask)
+    reloaded = ClassifierModule.load_from_checkpoint(path).eval()
+    assert reloaded.uncertain == "positive"
+    assert torch.allclose(reloaded(batch.images, batch.view_mask), expected, atol=1e-6)
+    net = load_classifier(path)
+    assert isinstance(net, DiseaseClassifier) and not net.training
+    assert torch.allclose(net(batch.images, batch.view_mask), expected, atol=1e-6)
+
+
+def test_load_classifier_names_a_mismatching_net(tmp_path):
+    module = _module()
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(module, TinyData(n_batches=1))
+    path = tmp_path / "s1.ckpt"
+    trainer.save_checkpoint(path)
+    torch.manual_seed(0)
+    other = DiseaseClassifier(VisionEncoder(**ENCODER), DiseaseQFormer(**{**QFORMER, "num_layers": 3}))
+    with pytest.raises(ValueError, match=r"s1\.ckpt: weights do not fit DiseaseClassifier: missing \[.*layer\.2"):
+        load_classifier(path, net=other)
+    with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
+        load_classifier(tmp_path / "nothing.ckpt")
+
+
+# ---------------------------------------------------------------------- recipes
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+PAPER_RECIPES = ["iu_xray", "mimic_cxr", "chexpert_plus"]
+SHRINK_NET = [  # tiny sizes so a paper recipe builds in a second on a CPU
+    "--model.init_args.net.init_args.encoder.init_args.img_size=32",
+    "--model.init_args.net.init_args.encoder.init_args.embed_dim=16",
+    "--model.init_args.net.init_args.encoder.init_args.depths=[1, 1]",
+    "--model.init_args.net.init_args.encoder.init_args.num_heads=[1, 2]",
+    "--model.init_args.net.init_args.encoder.init_args.window_size=4",
+    "--model.init_args.net.init_args.qformer.init_args.vision_width=32",
+    "--model.init_args.net.init_args.qformer.init_args.hidden_size=32",
+    "--model.init_args.net.init_args.qformer.init_args.num_layers=2",
+    "--model.init_args.net.init_args.qformer.init_args.num_heads=2",
+    "--model.init_args.net.init_args.qformer.init_args.intermediate_size=64",
+]
+
+
+def _cli(args: list[str], monkeypatch):
+    from lightning.pytorch.cli import LightningCLI
+
+    monkeypatch.setattr("sys.argv", ["amrg"])
+    return LightningCLI(run=False, args=args, save_config_callback=None)
+
+
+@pytest.mark.parametrize("dataset", PAPER_RECIPES)
+def test_paper_recipe_widths_agree(dataset):
+    import yaml
+
+    config = yaml.safe_load((CONFIGS / dataset / "stage1.yaml").read_text())
+    net = config["model"]["init_args"]["net"]["init_args"]
+    with torch.device("meta"):  # Swin-B's shapes without allocating its weights
+        encoder = VisionEncoder(**net["encoder"]["init_args"])
+    assert encoder.num_features == net["qformer"]["init_args"]["vision_width"]
+    assert net["qformer"]["init_args"]["num_queries"] == len(LABELS)
+
+
+@pytest.mark.parametrize("dataset", PAPER_RECIPES)
+def test_paper_recipe_builds_through_lightning_cli(dataset, tmp_path, monkeypatch):
+    args = [
+        "--config",
+        str(CONFIGS / dataset / "stage1.yaml"),
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        *SHRINK_NET,
+    ]
+    cli = _cli(args, monkeypatch)
+    assert isinstance(cli.model, ClassifierModule) and isinstance(cli.model.net, DiseaseClassifier)
+    assert cli.model.label_smoothing == 0.1
+    assert cli.model.hparams["net"]["init_args"]["encoder"]["init_args"]["model_name"].startswith("swin_base")
+    assert cli.datamodule.hparams.image_size == 224
+
+
+def test_demo_recipe_runs_through_lightning_cli(tmp_path, monkeypatch):
+    args = [
+        "--config",
+        str(CONFIGS / "demo" / "stage1.yaml"),
+        "--trainer.fast_dev_run=1",
+        "--trainer.logger=false",
+        "--trainer.callbacks=[]",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--data.init_args.root={tmp_path / 'synthetic'}",
+        "--data.init_args.n=20",
+        "--data.init_args.batch_size=4",
+    ]
+    cli = _cli(args, monkeypatch)
+    net = cli.model.net
+    assert net.encoder.num_features == net.qformer.vision_width
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
