@@ -82,6 +82,35 @@ def data_preview(annotation: Path, *, out: Path, image_root: Path | None = None,
     print(f"wrote {path}")
 
 
+# ---- memory -----------------------------------------------------------------------------------
+def _memory_build(**kwargs) -> None:
+    from amrg.memory.build import memory_build
+
+    print(memory_build(**kwargs))
+
+
+def _memory_build_handler() -> Callable[..., None]:
+    # jsonargparse reads the signature and docstring of the real function; the wrapper prints.
+    import functools
+
+    from amrg.memory.build import memory_build
+
+    return functools.wraps(memory_build)(_memory_build)
+
+
+# ---- prediction on image files ------------------------------------------------------------------
+def _predict_images_handler() -> Callable[..., None]:
+    import functools
+
+    from amrg.predict import predict_images
+
+    @functools.wraps(predict_images)
+    def run(**kwargs) -> None:
+        print(f"wrote {predict_images(**kwargs)}")
+
+    return run
+
+
 # The one table of subcommands: name -> (handler, one-line help). Lightning ones have no handler.
 COMMANDS: dict[str, tuple[Callable[..., None] | None, str]] = {
     "fit": (None, "train a model from a config (LightningCLI)"),
@@ -91,16 +120,25 @@ COMMANDS: dict[str, tuple[Callable[..., None] | None, str]] = {
     "data synth": (data_synth, "write a synthetic chest X-ray dataset"),
     "data check": (data_check, "validate an annotation and its images"),
     "data preview": (data_preview, "draw a PNG grid of studies with labels and boxes"),
+    "memory build": (_memory_build_handler, "mine Grad-CAM patches and encode reports into memory banks"),
+    "predict-images": (_predict_images_handler, "write reports (JSONL) for image files or folders"),
 }
+# Handlers whose modules import torch are built on demand (a factory returns the real command), so
+# `amrg --help` and the data commands start fast.
+_FACTORIES = {_memory_build_handler, _predict_images_handler}
 
 
-def _groups() -> dict[str, dict[str, Callable[..., None]]]:
-    groups: dict[str, dict[str, Callable[..., None]]] = {}
-    for name, (fn, _) in COMMANDS.items():
-        if " " in name and fn is not None:
-            group, sub = name.split(" ", 1)
-            groups.setdefault(group, {})[sub] = fn
-    return groups
+def _handler(name: str) -> Callable[..., None] | None:
+    fn = COMMANDS[name][0]
+    return fn() if fn in _FACTORIES else fn
+
+
+def _group(command: str) -> dict[str, Callable[..., None]] | Callable[..., None] | None:
+    """The sub-command table of a group ("data"), the handler of a single command, or None."""
+    if command in COMMANDS and COMMANDS[command][0] is not None:
+        return _handler(command)
+    subs = {name.split(" ", 1)[1]: name for name in COMMANDS if name.startswith(command + " ")}
+    return {sub: _handler(name) for sub, name in subs.items()} or None
 
 
 def _usage() -> str:
@@ -163,12 +201,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if command in LIGHTNING_COMMANDS:
         _AMRGLightningCLI.run(argv)
         return
-    groups = _groups()
-    if command in groups:
+    target = _group(command)
+    if target is not None:
         from jsonargparse import CLI
 
         _parsing_settings()
-        CLI(groups[command], args=_dashes_to_underscores(argv[1:]), prog=f"amrg {command}", as_positional=True)
+        CLI(target, args=_dashes_to_underscores(argv[1:]), prog=f"amrg {command}", as_positional=True)
         return
     print(f"amrg: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     sys.exit(2)

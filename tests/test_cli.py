@@ -30,12 +30,12 @@ def test_table_matches_parsers() -> None:
     for name, (fn, help_) in cli.COMMANDS.items():
         assert help_, name
         if fn is not None:
-            assert " " in name and fn.__doc__, f"{name}: a grouped command with a docstring"
+            assert cli._handler(name).__doc__, f"{name}: its handler needs a docstring (the help text)"
 
 
 @pytest.mark.parametrize("name", [n for n, (fn, _) in cli.COMMANDS.items() if fn is not None])
 def test_command_help_shows_docstring(name: str, capsys) -> None:
-    fn = cli.COMMANDS[name][0]
+    fn = cli._handler(name)
     with pytest.raises(SystemExit) as info:
         cli.main([*name.split(), "--help"])
     assert info.value.code == 0

@@ -1,0 +1,518 @@
+"""Stage-2 report generator: the stage-1 classifier, two associative memories and an LLM, as one nn.Module.
+
+Paper: Wang et al., 2025, "Activating Associative Disease-Aware Vision Token Memory for LLM-Based X-ray
+Report Generation" (AM-MRG), https://arxiv.org/abs/2501.03458. Stage 2 reuses the frozen stage-1 Swin
+encoder and disease Q-Former, recalls visual evidence (Grad-CAM ROI patches) and past reports with two
+modern Hopfield layers queried by the disease tokens, projects
+
+    [patch tokens, disease tokens, visual recall, report recall]
+
+into the LLM width (a linear layer per source, then one LayerNorm, as R2GenGPT's ``llama_proj`` +
+``layer_norm``; Wang et al., 2023, https://arxiv.org/abs/2309.09812) and feeds the result to a causal LM
+as a visual prefix inside the generation prompt. No code is copied from either reference.
+
+This module knows nothing of Lightning or files: :class:`amrg.modules.reporter.ReporterModule` loads
+the stage-1 checkpoint, the memory banks and the LLM and hands the parts to :class:`ReportGenerator`.
+
+Departure from the reference code: stage 2 keeps the stage-1 Swin (the released code swaps in a Mamba
+encoder that needs custom CUDA kernels), so one stage-1 checkpoint carries the whole visual side.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from amrg.labels import LABELS
+from amrg.models.classifier import DiseaseClassifier
+from amrg.models.llm import (
+    DEFAULT_INSTRUCTION,
+    ReportPrompt,
+    build_generation_inputs,
+    build_inputs,
+    generate_reports,
+)
+
+__all__ = ["GeneratorPrediction", "RecalledItem", "ReportGenerator", "VisualPrefix"]
+
+_logger = logging.getLogger(__name__)
+
+MemoryName = Literal["visual", "report"]
+_PREFIX_SOURCES = ("patch", "disease", "visual_recall", "report_recall")
+
+
+@dataclass
+class VisualPrefix:
+    """What the visual side computes for one batch.
+
+    Attributes:
+        prefix: the visual prefix in the LLM width, [B, P, H] with P = N + 3Q.
+        prefix_mask: which prefix slots are real, [B, P] bool; None when all are (masked views in
+            ``multi_view="concat"`` encoders give False slots).
+        logits: stage-1 per-label logits, [B, Q].
+        visual_attention: visual-memory association weights, [B, heads, Q, Q + M_v] (the Q disease
+            query embeddings first), or None when not requested.
+        report_attention: report-memory association weights, [B, heads, Q, M_r], or None.
+    """
+
+    prefix: Tensor
+    prefix_mask: Tensor | None
+    logits: Tensor
+    visual_attention: Tensor | None = None
+    report_attention: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RecalledItem:
+    """One stored memory item that a report's prefix attended to.
+
+    Attributes:
+        memory: ``"visual"`` (a Grad-CAM ROI patch) or ``"report"`` (a training report).
+        source_id: the study the item comes from (a train-split id).
+        label: the label under which the item is stored.
+        weight: association weight, averaged over heads and disease queries (in [0, 1]).
+        slot: row of the item in its memory.
+        text: the report text (report memory, when the bank recorded it); None otherwise.
+    """
+
+    memory: MemoryName
+    source_id: str
+    label: str
+    weight: float
+    slot: int
+    text: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form used by ``amrg predict``: memory, source_id, label, text (if any), weight."""
+        out: dict[str, Any] = {"memory": self.memory, "source_id": self.source_id, "label": self.label}
+        if self.text is not None:
+            out["text"] = self.text
+        out["weight"] = self.weight
+        return out
+
+
+@dataclass
+class GeneratorPrediction:
+    """Reports, stage-1 probabilities and explanations for one batch.
+
+    Attributes:
+        reports: one generated report per study.
+        probabilities: stage-1 per-label probabilities, [B, Q] float32 (CheXbert order).
+        explanations: per study, the top recalled items of both memories (visual first, then report,
+            each by decreasing weight).
+    """
+
+    reports: list[str]
+    probabilities: Tensor
+    explanations: list[list[RecalledItem]] = field(default_factory=list)
+
+
+class ReportGenerator(nn.Module):
+    """The whole stage-2 network: stage-1 classifier -> memories -> visual prefix -> LLM -> report.
+
+    The retrievers are any modules with the :mod:`amrg.models.retrievers` interface:
+    ``retriever(queries [B, Q, D], extra_patterns=None, return_attention=False)`` returning recalled
+    tokens [B, Q, D] (and, on request, weights [B, heads, Q, P + M]), with the memory already stored.
+    The visual retriever gets the stage-1 disease-query embeddings [Q, D] as extra patterns in front of
+    its memory (the paper's [disease queries ⊕ visual memory]); the report retriever recalls from the
+    report memory alone. Both are queried by the disease tokens.
+
+    Args:
+        classifier: the trained stage-1 network (encoder + Q-Former + head).
+        llm: the causal LM, already set up for training (peft LoRA-wrapped, frozen or fully trainable).
+        tokenizer: the LLM's tokenizer; pad/bos/eos and the prompt conventions come from it.
+        visual_retriever: recalls ROI-patch features; its ``dim`` and memory width must equal the
+            Q-Former width D.
+        report_retriever: recalls report embeddings; its ``dim`` must equal D (any memory width).
+        freeze_encoder: keep the stage-1 vision encoder frozen (paper: frozen).
+        freeze_qformer: keep the stage-1 Q-Former (and its query embeddings) frozen (paper: frozen). The
+            stage-1 head is always frozen: stage 2 has no classification loss.
+        instruction: the request after the image in the prompt.
+        prompt_template: ``"auto"`` uses the tokenizer's chat template when it has one, ``"chat"``
+            requires it, ``"plain"`` uses R2GenGPT's ``Human: ... \\nAssistant:`` format.
+        system_prompt: optional system turn (chat format only).
+        max_report_tokens: report tokens kept for teacher forcing (paper: 60 IU X-ray, 100 otherwise).
+        num_beams: beam width (paper: 3).
+        repetition_penalty: penalty on repeated tokens (paper: 2.0).
+        length_penalty: beam length penalty (paper: 2.0).
+        min_new_tokens: eos blocked before this many tokens (paper: 40 IU X-ray, 80 otherwise).
+        max_new_tokens: generation stops here (paper: 100 IU X-ray, 120 otherwise).
+        visual_provenance: one record per visual memory row (``source_id``, ``label``, ...), for
+            explanations; may be set later with :meth:`set_provenance`.
+        report_provenance: one record per report memory row (``source_id``, ``label``, ``text``).
+
+    Raises:
+        ValueError: widths of the classifier, retrievers and memories that do not fit together.
+    """
+
+    def __init__(
+        self,
+        classifier: DiseaseClassifier,
+        llm: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        visual_retriever: nn.Module,
+        report_retriever: nn.Module,
+        freeze_encoder: bool = True,
+        freeze_qformer: bool = True,
+        instruction: str = DEFAULT_INSTRUCTION,
+        prompt_template: Literal["auto", "chat", "plain"] = "auto",
+        system_prompt: str | None = None,
+        max_report_tokens: int = 100,
+        num_beams: int = 3,
+        repetition_penalty: float = 2.0,
+        length_penalty: float = 2.0,
+        min_new_tokens: int = 80,
+        max_new_tokens: int = 120,
+        visual_provenance: Sequence[dict[str, Any]] = (),
+        report_provenance: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        super().__init__()
+        width = classifier.qformer.hidden_size
+        vision_width = classifier.encoder.num_features
+        problems = []
+        for name, retriever in (
+            ("visual_retriever", visual_retriever),
+            ("report_retriever", report_retriever),
+        ):
+            dim = getattr(retriever, "dim", width)
+            if dim != width:
+                problems.append(
+                    f"{name} ({type(retriever).__name__}) has dim={dim} but the stage-1 disease tokens are "
+                    f"{width} wide (Q-Former hidden_size)"
+                )
+        memory_dim = getattr(visual_retriever, "memory_dim", width)
+        if memory_dim != width:
+            problems.append(
+                f"visual_retriever stores patterns of width {memory_dim}, but the visual memory and the "
+                f"disease-query embeddings prepended to it are {width} wide (Q-Former hidden_size)"
+            )
+        if max_report_tokens < 1:
+            problems.append(f"max_report_tokens must be >= 1, got {max_report_tokens}")
+        if num_beams < 1:
+            problems.append(f"num_beams must be >= 1, got {num_beams}")
+        if not 0 <= min_new_tokens <= max_new_tokens or max_new_tokens < 1:
+            problems.append(
+                f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got "
+                f"{min_new_tokens} and {max_new_tokens}"
+            )
+        if problems:
+            raise ValueError("ReportGenerator: " + "; ".join(problems))
+
+        self.classifier = classifier
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.visual_retriever = visual_retriever
+        self.report_retriever = report_retriever
+        self.freeze_encoder = freeze_encoder
+        self.freeze_qformer = freeze_qformer
+        self.prompt = ReportPrompt(
+            tokenizer, instruction=instruction, template=prompt_template, system_prompt=system_prompt
+        )
+        self.max_report_tokens = max_report_tokens
+        self.num_beams = num_beams
+        self.repetition_penalty = repetition_penalty
+        self.length_penalty = length_penalty
+        self.min_new_tokens = min_new_tokens
+        self.max_new_tokens = max_new_tokens
+
+        hidden = int(llm.get_input_embeddings().weight.shape[1])
+        self.llm_hidden_size = hidden
+        # One projection per source (they live in different spaces), one shared LayerNorm; nn.Linear's
+        # default init, as R2GenGPT's llama_proj.
+        self.prefix_proj = nn.ModuleDict(
+            {
+                "patch": nn.Linear(vision_width, hidden),
+                "disease": nn.Linear(width, hidden),
+                "visual_recall": nn.Linear(width, hidden),
+                "report_recall": nn.Linear(width, hidden),
+            }
+        )
+        self.prefix_norm = nn.LayerNorm(hidden)
+
+        self.visual_provenance: list[dict[str, Any]] = [dict(r) for r in visual_provenance]
+        self.report_provenance: list[dict[str, Any]] = [dict(r) for r in report_provenance]
+        self._apply_freezing()
+
+    # ------------------------------------------------------------------ set-up
+    def _frozen_parts(self) -> list[nn.Module]:
+        parts: list[nn.Module] = [self.classifier.head]
+        if self.freeze_encoder:
+            parts.append(self.classifier.encoder)
+        if self.freeze_qformer:
+            parts.append(self.classifier.qformer)
+        return parts
+
+    def _apply_freezing(self) -> None:
+        for part in self._frozen_parts():
+            part.requires_grad_(False)
+            part.eval()
+        # A trainable part that stage 1 froze (VisionEncoder(freeze=True)) is unfrozen here.
+        if not self.freeze_encoder:
+            self.classifier.encoder.frozen = False
+            self.classifier.encoder.requires_grad_(True)
+        if not self.freeze_qformer:
+            self.classifier.qformer.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> ReportGenerator:
+        """Switch train/eval mode; frozen stage-1 parts and a wholly frozen LLM stay in eval mode."""
+        super().train(mode)
+        for part in self._frozen_parts():
+            part.eval()
+        if not any(p.requires_grad for p in self.llm.parameters()):
+            self.llm.eval()
+        return self
+
+    def set_provenance(
+        self, visual: Sequence[dict[str, Any]] | None = None, report: Sequence[dict[str, Any]] | None = None
+    ) -> None:
+        """Replace the provenance records of the visual and/or report memory (one per memory row)."""
+        if visual is not None:
+            self.visual_provenance = [dict(r) for r in visual]
+        if report is not None:
+            self.report_provenance = [dict(r) for r in report]
+
+    @property
+    def image_size(self) -> int:
+        """Side in pixels of the views the stage-1 encoder expects."""
+        return int(self.classifier.encoder.img_size)
+
+    @property
+    def num_labels(self) -> int:
+        return self.classifier.num_labels
+
+    # ------------------------------------------------------------------ visual side
+    def encode(
+        self, images: Tensor, view_mask: Tensor | None = None, return_attention: bool = False
+    ) -> VisualPrefix:
+        """Compute the visual prefix (and the stage-1 logits) for a batch of studies.
+
+        Args:
+            images: normalised views, [B, V, 3, H, W].
+            view_mask: which views are real, [B, V] bool; None keeps all.
+            return_attention: also return both memories' association weights (for explanations).
+
+        Returns:
+            :class:`VisualPrefix` with prefix [B, N + 3Q, H], its mask, logits [B, Q] and the weights.
+        """
+        grad = torch.is_grad_enabled()
+        encoder, qformer = self.classifier.encoder, self.classifier.qformer
+        # Frozen parts run without a graph (the paper's frozen Swin costs no activation memory); the
+        # Q-Former keeps one when the encoder below it trains.
+        with torch.set_grad_enabled(grad and not self.freeze_encoder):
+            patch = encoder.forward_features(images, view_mask)  # [B, N, C]
+        token_mask = encoder.token_mask(view_mask, patch.shape[1])  # [B, N] or None
+        with torch.set_grad_enabled(grad and not (self.freeze_qformer and self.freeze_encoder)):
+            disease = qformer(patch, token_mask)  # [B, Q, D]
+            queries = qformer.queries[0]  # [Q, D], the learned disease-query embeddings
+        with torch.no_grad():
+            logits = self.classifier.head(disease.detach()).float()  # [B, Q]
+
+        visual = self.visual_retriever(disease, extra_patterns=queries, return_attention=return_attention)
+        report = self.report_retriever(disease, return_attention=return_attention)
+        visual_attention = report_attention = None
+        if return_attention:
+            visual, visual_attention = visual  # [B, Q, D], [B, heads, Q, Q + M_v]
+            report, report_attention = report  # [B, Q, D], [B, heads, Q, M_r]
+
+        proj = self.prefix_proj
+        parts = [
+            proj["patch"](patch),  # [B, N, H]
+            proj["disease"](disease),  # [B, Q, H]
+            proj["visual_recall"](visual),  # [B, Q, H]
+            proj["report_recall"](report),  # [B, Q, H]
+        ]
+        prefix = self.prefix_norm(torch.cat(parts, dim=1))  # [B, N + 3Q, H]
+        prefix_mask = None
+        if token_mask is not None:
+            rest = token_mask.new_ones(token_mask.shape[0], 3 * disease.shape[1])  # [B, 3Q]
+            prefix_mask = torch.cat([token_mask.bool(), rest.bool()], dim=1)  # [B, N + 3Q]
+        return VisualPrefix(prefix, prefix_mask, logits, visual_attention, report_attention)
+
+    # ------------------------------------------------------------------ training
+    def loss_from_prefix(self, visual: VisualPrefix, reports: Sequence[str]) -> Tensor:
+        """Teacher-forced next-token loss on the report tokens (and eos) only.
+
+        Args:
+            visual: the output of :meth:`encode`.
+            reports: target reports, one per study (cleaned text).
+
+        Returns:
+            The mean cross-entropy over report tokens, a scalar.
+        """
+        inputs = build_inputs(
+            self.llm.get_input_embeddings(),
+            self.prompt,
+            visual.prefix,
+            reports,
+            max_report_tokens=self.max_report_tokens,
+            prefix_mask=visual.prefix_mask,
+        )
+        return self.llm(**inputs.as_model_kwargs()).loss
+
+    def forward(self, images: Tensor, view_mask: Tensor | None, reports: Sequence[str]) -> Tensor:
+        """Training loss for a batch.
+
+        Args:
+            images: [B, V, 3, H, W].
+            view_mask: [B, V] bool, or None.
+            reports: B target reports.
+
+        Returns:
+            Scalar loss on the report tokens.
+        """
+        return self.loss_from_prefix(self.encode(images, view_mask), reports)
+
+    # ------------------------------------------------------------------ generation
+    def _decoding(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        options = {
+            "num_beams": self.num_beams,
+            "repetition_penalty": self.repetition_penalty,
+            "length_penalty": self.length_penalty,
+            "min_new_tokens": self.min_new_tokens,
+            "max_new_tokens": self.max_new_tokens,
+        }
+        unknown = sorted(set(overrides) - set(options))
+        if unknown:
+            raise ValueError(f"unknown decoding option(s) {unknown}; expected some of {sorted(options)}")
+        options.update({k: v for k, v in overrides.items() if v is not None})
+        return options
+
+    @torch.no_grad()
+    def generate_from_prefix(self, visual: VisualPrefix, **decoding: Any) -> list[str]:
+        """Beam-search one report per study from an already computed prefix.
+
+        Args:
+            visual: the output of :meth:`encode`.
+            **decoding: overrides of num_beams, repetition_penalty, length_penalty, min_new_tokens,
+                max_new_tokens (None keeps the constructor's value).
+
+        Returns:
+            B reports.
+        """
+        inputs = build_generation_inputs(
+            self.llm.get_input_embeddings(), self.prompt, visual.prefix, visual.prefix_mask
+        )
+        return generate_reports(
+            self.llm, self.tokenizer, inputs.inputs_embeds, inputs.attention_mask, **self._decoding(decoding)
+        )
+
+    @torch.no_grad()
+    def generate(self, images: Tensor, view_mask: Tensor | None = None, **decoding: Any) -> list[str]:
+        """Write one report per study with batched beam search (paper decoding unless overridden).
+
+        The network is in eval mode for the call (no Hopfield or LoRA dropout), then restored.
+
+        Args:
+            images: [B, V, 3, H, W].
+            view_mask: [B, V] bool, or None.
+            **decoding: see :meth:`generate_from_prefix`.
+
+        Returns:
+            B reports.
+        """
+        with _eval_mode(self):
+            return self.generate_from_prefix(self.encode(images, view_mask), **decoding)
+
+    # ------------------------------------------------------------------ explanations
+    def explain_from_prefix(self, visual: VisualPrefix, top_k: int = 5) -> list[list[RecalledItem]]:
+        """The top recalled items of each memory for every study.
+
+        A memory slot's weight is its association weight averaged over heads and disease queries; the
+        disease-query embeddings in front of the visual memory are not memory items and are skipped.
+
+        Args:
+            visual: the output of :meth:`encode` with ``return_attention=True``.
+            top_k: items per memory and study.
+
+        Returns:
+            Per study, up to ``top_k`` visual items then up to ``top_k`` report items.
+
+        Raises:
+            ValueError: no attention in ``visual``, or provenance that does not match the memory size.
+        """
+        if visual.visual_attention is None or visual.report_attention is None:
+            raise ValueError("explain_from_prefix needs encode(..., return_attention=True)")
+        batch = visual.prefix.shape[0]
+        num_queries = visual.logits.shape[1]
+        out: list[list[RecalledItem]] = [[] for _ in range(batch)]
+        memories = (
+            ("visual", visual.visual_attention, num_queries, self.visual_provenance, self.visual_retriever),
+            ("report", visual.report_attention, 0, self.report_provenance, self.report_retriever),
+        )
+        for name, attention, skip, provenance, retriever in memories:
+            if attention.shape[1] == 0 or attention.shape[-1] <= skip or top_k < 1:
+                continue  # a retriever without heads (NoRetriever) recalls nothing to explain
+            weights = attention[..., skip:].float().mean(dim=(1, 2))  # [B, M]
+            size = weights.shape[1]
+            stored = getattr(retriever, "num_memories", size)
+            if len(provenance) != size or stored != size:
+                raise ValueError(
+                    f"{name} memory: {len(provenance)} provenance records for {size} attended slots "
+                    f"({stored} stored); load the memory and its provenance together"
+                )
+            values, slots = weights.topk(min(top_k, size), dim=1)  # [B, k] each
+            for b in range(batch):
+                for value, slot in zip(values[b].tolist(), slots[b].tolist()):
+                    record = provenance[slot]
+                    text = record.get("text") if name == "report" else None
+                    out[b].append(
+                        RecalledItem(
+                            memory=name,  # type: ignore[arg-type]
+                            source_id=str(record.get("source_id")),
+                            label=str(record.get("label", "")),
+                            weight=float(value),
+                            slot=int(slot),
+                            text=text if isinstance(text, str) else None,
+                        )
+                    )
+        return out
+
+    @torch.no_grad()
+    def predict(
+        self, images: Tensor, view_mask: Tensor | None = None, top_k: int = 5, **decoding: Any
+    ) -> GeneratorPrediction:
+        """Reports, stage-1 probabilities and the top recalled memory items, from one encoder pass.
+
+        Args:
+            images: [B, V, 3, H, W].
+            view_mask: [B, V] bool, or None.
+            top_k: recalled items per memory and study (0 for none).
+            **decoding: see :meth:`generate_from_prefix`.
+
+        Returns:
+            :class:`GeneratorPrediction`; probabilities are [B, Q] in CheXbert order.
+        """
+        with _eval_mode(self):
+            visual = self.encode(images, view_mask, return_attention=top_k > 0)
+            reports = self.generate_from_prefix(visual, **decoding)
+            explanations = self.explain_from_prefix(visual, top_k) if top_k > 0 else [[] for _ in reports]
+        return GeneratorPrediction(reports, torch.sigmoid(visual.logits), explanations)
+
+    def extra_repr(self) -> str:
+        return (
+            f"labels={len(LABELS)}, llm_hidden_size={self.llm_hidden_size}, "
+            f"freeze_encoder={self.freeze_encoder}, "
+            f"freeze_qformer={self.freeze_qformer}, num_beams={self.num_beams}, "
+            f"new_tokens={self.min_new_tokens}-{self.max_new_tokens}"
+        )
+
+
+class _eval_mode:  # noqa: N801 - used like a function, as torch.no_grad
+    """Context manager: put a module in eval mode and restore its mode afterwards."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.was_training = module.training
+
+    def __enter__(self) -> nn.Module:
+        self.module.eval()
+        return self.module
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.train(self.was_training)

@@ -1,0 +1,380 @@
+"""ReportGenerator: prefix shapes, loss, freezing, LoRA, generation, explanations (no files, tiny parts).
+
+The helpers at the top also build the tiny stage-1 checkpoint and memory banks that
+tests/modules/test_reporter_module.py and tests/test_predict.py use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from amrg.labels import LABELS
+from amrg.memory.bank import MemoryBank
+from amrg.models.classifier import DiseaseClassifier
+from amrg.models.llm import apply_lora, build_tiny_llm, freeze
+from amrg.models.qformer import DiseaseQFormer
+from amrg.models.reporter import RecalledItem, ReportGenerator
+from amrg.models.retrievers import HopfieldRetriever, NoRetriever
+from amrg.models.tokenizer import train_report_tokenizer
+from amrg.models.vision import VisionEncoder
+
+IMAGE_SIZE = 32
+WIDTH = 32  # Q-Former width D
+REPORT_DIM = 24  # report-memory (text encoder) width
+ENCODER = dict(img_size=IMAGE_SIZE, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4)
+QFORMER = dict(
+    vision_width=32, hidden_size=WIDTH, num_layers=2, num_heads=2, intermediate_size=64, dropout=0.0
+)
+RETRIEVER = dict(num_heads=2, hidden_size=8, dropout=0.0)
+REPORTS = [
+    "the heart is normal in size. the lungs are clear. no pleural effusion.",
+    "small left pleural effusion. mild cardiomegaly.",
+    "mild cardiomegaly is present. no pneumothorax is seen. the mediastinum is unremarkable.",
+    "there is a right lower lobe opacity concerning for pneumonia.",
+]
+# 4 slots in 5 labels each: visual slots 0..14 and report slots 0..9 in label order.
+MEMORY_LABELS = LABELS[:5]
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers shared with the module and predict tests
+
+
+def tiny_classifier(seed: int = 0, num_queries: int = 14, multi_view: str = "mean") -> DiseaseClassifier:
+    torch.manual_seed(seed)
+    qformer = dict(QFORMER, num_queries=num_queries)
+    return DiseaseClassifier(VisionEncoder(**ENCODER, multi_view=multi_view), DiseaseQFormer(**qformer))
+
+
+def stage1_config(num_queries: int = 14, hidden_size: int = WIDTH) -> dict:
+    """The net config LightningCLI stores in a stage-1 checkpoint (class_path/init_args)."""
+    return {
+        "class_path": "amrg.models.classifier.DiseaseClassifier",
+        "init_args": {
+            "encoder": {"class_path": "amrg.models.vision.VisionEncoder", "init_args": dict(ENCODER)},
+            "qformer": {
+                "class_path": "amrg.models.qformer.DiseaseQFormer",
+                "init_args": dict(QFORMER, num_queries=num_queries, hidden_size=hidden_size),
+            },
+        },
+    }
+
+
+def write_stage1_checkpoint(
+    path: Path, num_queries: int = 14, hidden_size: int = WIDTH, seed: int = 0
+) -> Path:
+    """A stage-1 checkpoint as `amrg fit` writes it: net.* weights plus the net config."""
+    torch.manual_seed(seed)
+    qformer = dict(QFORMER, num_queries=num_queries, hidden_size=hidden_size)
+    net = DiseaseClassifier(VisionEncoder(**ENCODER), DiseaseQFormer(**qformer))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+            "hyper_parameters": {"net": stage1_config(num_queries, hidden_size)},
+        },
+        path,
+    )
+    return path
+
+
+def tiny_banks(
+    visual_dim: int = WIDTH, ids: tuple[str, ...] = (), seed: int = 0
+) -> tuple[MemoryBank, MemoryBank]:
+    """A visual bank [15, visual_dim] and a report bank [10, REPORT_DIM] over 5 labels, train ids only."""
+    g = torch.Generator().manual_seed(seed)
+    visual, report = MemoryBank("visual", visual_dim), MemoryBank("report", REPORT_DIM)
+    for i, label in enumerate(MEMORY_LABELS):
+        visual.add(
+            label,
+            torch.randn(3, visual_dim, generator=g),
+            [
+                {"source_id": f"train_{i:03d}", "split": "train", "box": [0, 0, 8, 8], "view": 0}
+                for _ in range(3)
+            ],
+        )
+        report.add(
+            label,
+            torch.randn(2, REPORT_DIM, generator=g),
+            [
+                {"source_id": f"train_{i + j:03d}", "split": "train", "text": REPORTS[(i + j) % 4]}
+                for j in range(2)
+            ],
+        )
+    for source_id in ids:  # e.g. an evaluation id, for the leakage guard
+        report.add(
+            LABELS[0],
+            torch.randn(1, REPORT_DIM, generator=g),
+            [{"source_id": source_id, "split": "val", "text": "leak"}],
+        )
+    return visual, report
+
+
+def write_banks(folder: Path, visual_dim: int = WIDTH, ids: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    visual, report = tiny_banks(visual_dim, ids)
+    visual.save(folder / "visual_memory")
+    report.save(folder / "report_memory")
+    return folder / "visual_memory", folder / "report_memory"
+
+
+def train_reports(n: int = 60) -> list[str]:
+    return [REPORTS[i % len(REPORTS)] for i in range(n)]
+
+
+def tiny_tokenizer(folder: Path, style: str = "llama") -> PreTrainedTokenizerBase:
+    return train_report_tokenizer(
+        train_reports(),
+        folder,
+        vocab_size=400,
+        style=style,  # type: ignore[arg-type]
+    )
+
+
+def tiny_llm(tokenizer: PreTrainedTokenizerBase, family: str = "llama", seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_tiny_llm(
+        tokenizer, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, family=family
+    )  # type: ignore[arg-type]
+
+
+def batch(n: int = 2, views: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, views, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    view_mask = torch.ones(n, views, dtype=torch.bool)
+    view_mask[-1, -1] = False  # a one-view study in a two-view batch
+    return images, view_mask
+
+
+def make_generator(
+    tokenizer: PreTrainedTokenizerBase,
+    family: str = "llama",
+    llm_training: str = "full",
+    multi_view: str = "mean",
+    report_retriever: type[nn.Module] = HopfieldRetriever,
+    **kwargs,
+) -> ReportGenerator:
+    classifier = tiny_classifier(multi_view=multi_view)
+    visual, report = tiny_banks()
+    v_patterns, _, v_prov = visual.stacked()
+    r_patterns, _, r_prov = report.stacked()
+    llm = tiny_llm(tokenizer, family)
+    if llm_training == "lora":
+        llm = apply_lora(llm, r=4, alpha=8, dropout=0.0)
+    elif llm_training == "frozen":
+        llm = freeze(llm)
+    r_kwargs = RETRIEVER if report_retriever is not NoRetriever else {}
+    options = dict(max_report_tokens=24, num_beams=2, min_new_tokens=2, max_new_tokens=6)
+    options.update(kwargs)
+    return ReportGenerator(
+        classifier=classifier,
+        llm=llm,
+        tokenizer=tokenizer,
+        visual_retriever=HopfieldRetriever(WIDTH, v_patterns, **RETRIEVER),
+        report_retriever=report_retriever(WIDTH, r_patterns, **r_kwargs),
+        visual_provenance=v_prov,
+        report_provenance=r_prov,
+        **options,
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, PreTrainedTokenizerBase]:
+    root = tmp_path_factory.mktemp("reporter_tokenizers")
+    return {style: tiny_tokenizer(root / style, style) for style in ("llama", "qwen")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes, loss, gradients
+
+
+@pytest.mark.parametrize("multi_view", ["mean", "concat"])
+def test_prefix_shapes_and_backward_reach_every_trainable_parameter(tokenizers, multi_view: str) -> None:
+    net = make_generator(tokenizers["llama"], multi_view=multi_view)
+    images, view_mask = batch()
+    visual = net.encode(images, view_mask)
+    per_view = (IMAGE_SIZE // 4 // 2) ** 2  # Swin: patch 4, one patch merge -> 4x4 = 16 tokens per view
+    n_tokens = per_view * (2 if multi_view == "concat" else 1)
+    assert visual.prefix.shape == (2, n_tokens + 3 * 14, 32)  # [B, N + 3Q, H]
+    assert visual.logits.shape == (2, 14)
+    assert torch.isfinite(visual.prefix).all()
+    if multi_view == "concat":
+        assert visual.prefix_mask is not None and visual.prefix_mask.shape == (2, n_tokens + 42)
+        assert not visual.prefix_mask[1, per_view:n_tokens].any()  # the missing view is masked
+        assert visual.prefix_mask[1, n_tokens:].all()
+    else:
+        assert visual.prefix_mask is None
+
+    loss = net(images, view_mask, REPORTS[:2])
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith("classifier.") for n in trainable)  # stage 1 frozen by default
+    no_grad = sorted(n for n, p in net.named_parameters() if p.requires_grad and p.grad is None)
+    assert no_grad == []
+    assert all(p.grad is None for p in net.classifier.parameters())
+
+
+def test_loss_falls_over_a_few_steps(tokenizers) -> None:
+    net = make_generator(tokenizers["llama"])
+    images, view_mask = batch()
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        loss = net(images, view_mask, REPORTS[:2])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_unfrozen_qformer_trains_and_frozen_parts_stay_in_eval_mode(tokenizers) -> None:
+    net = make_generator(tokenizers["llama"], freeze_qformer=False)
+    net.train()
+    assert not net.classifier.encoder.training and not net.classifier.head.training
+    assert net.classifier.qformer.training and net.prefix_norm.training
+    images, view_mask = batch()
+    net(images, view_mask, REPORTS[:2]).backward()
+    assert net.classifier.qformer.queries.grad is not None
+    assert all(p.grad is None for p in net.classifier.encoder.parameters())
+    assert all(not p.requires_grad for p in net.classifier.head.parameters())
+
+
+def test_with_lora_only_adapters_prefix_and_retrievers_train(tokenizers) -> None:
+    net = make_generator(tokenizers["llama"], llm_training="lora")
+    trainable = sorted(n for n, p in net.named_parameters() if p.requires_grad)
+    allowed = ("prefix_proj.", "prefix_norm.", "visual_retriever.", "report_retriever.")
+    assert all(n.startswith(allowed) or (n.startswith("llm.") and ".lora_" in n) for n in trainable), (
+        trainable
+    )
+    assert any(".lora_A." in n for n in trainable) and any(
+        n.startswith("visual_retriever.") for n in trainable
+    )
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    images, view_mask = batch()
+    for _ in range(2):  # LoRA's B starts at zero: A moves only from the second step
+        optimizer.zero_grad()
+        net(images, view_mask, REPORTS[:2]).backward()
+        optimizer.step()
+    changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+    assert changed <= set(trainable)
+    assert {n for n in trainable if ".lora_" in n} <= changed
+    # The stored patterns are buffers: untouched.
+    assert not any("memory" in n for n in changed)
+
+
+def test_width_mismatches_are_named(tokenizers) -> None:
+    tok = tokenizers["llama"]
+    classifier = tiny_classifier()
+    with pytest.raises(ValueError, match=r"visual_retriever \(HopfieldRetriever\) has dim=16 .* 32 wide"):
+        ReportGenerator(
+            classifier,
+            tiny_llm(tok),
+            tok,
+            HopfieldRetriever(16, torch.randn(3, 32), **RETRIEVER),
+            HopfieldRetriever(WIDTH, torch.randn(3, REPORT_DIM), **RETRIEVER),
+        )
+    with pytest.raises(ValueError, match="stores patterns of width 20"):
+        ReportGenerator(
+            classifier,
+            tiny_llm(tok),
+            tok,
+            HopfieldRetriever(WIDTH, torch.randn(3, 20), **RETRIEVER),
+            HopfieldRetriever(WIDTH, torch.randn(3, REPORT_DIM), **RETRIEVER),
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation and explanations
+
+
+@pytest.mark.parametrize(("style", "family"), [("llama", "llama"), ("qwen", "qwen2")])
+def test_generate_returns_text_for_llama_and_qwen_style_tokenizers(
+    tokenizers, style: str, family: str
+) -> None:
+    net = make_generator(tokenizers[style], family=family)
+    assert net.prompt.template == ("chat" if style == "qwen" else "plain")
+    images, view_mask = batch(3)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(3):
+        optimizer.zero_grad()
+        net(images, view_mask, REPORTS[:3]).backward()
+        optimizer.step()
+    net.train()
+    reports = net.generate(images, view_mask, max_new_tokens=8)
+    assert net.training  # generate restores the mode
+    assert isinstance(reports, list) and len(reports) == 3
+    assert all(isinstance(r, str) for r in reports) and any(r for r in reports)
+    # Deterministic: beam search, eval mode inside generate.
+    assert net.generate(images, view_mask, max_new_tokens=8) == reports
+    with pytest.raises(ValueError, match="unknown decoding option"):
+        net.generate(images, view_mask, temperature=0.7)
+
+
+def test_predict_gives_probabilities_and_ranked_explanations(tokenizers) -> None:
+    net = make_generator(tokenizers["llama"])
+    images, view_mask = batch()
+    pred = net.predict(images, view_mask, top_k=3)
+    assert len(pred.reports) == 2 and pred.probabilities.shape == (2, 14)
+    assert torch.allclose(pred.probabilities, torch.sigmoid(net.classifier(images, view_mask)), atol=1e-5)
+    for items in pred.explanations:
+        visual = [i for i in items if i.memory == "visual"]
+        report = [i for i in items if i.memory == "report"]
+        assert len(visual) == 3 and len(report) == 3
+        for group, provenance in ((visual, net.visual_provenance), (report, net.report_provenance)):
+            weights = [i.weight for i in group]
+            assert weights == sorted(weights, reverse=True) and all(0.0 < w <= 1.0 for w in weights)
+            for item in group:
+                assert item.source_id == provenance[item.slot]["source_id"]
+                assert item.label == provenance[item.slot]["label"]
+        assert all(i.text in REPORTS for i in report) and all(i.text is None for i in visual)
+    as_dict = pred.explanations[0][-1].as_dict()
+    assert list(as_dict) == ["memory", "source_id", "label", "text", "weight"]
+    assert list(RecalledItem("visual", "s", "Edema", 0.5, 1).as_dict()) == [
+        "memory",
+        "source_id",
+        "label",
+        "weight",
+    ]
+
+
+def test_no_retriever_explains_nothing_and_mismatched_provenance_is_refused(tokenizers) -> None:
+    net = make_generator(tokenizers["llama"], report_retriever=NoRetriever)
+    images, view_mask = batch()
+    pred = net.predict(images, view_mask, top_k=2)
+    assert all({i.memory for i in items} == {"visual"} for items in pred.explanations)
+    net.set_provenance(visual=net.visual_provenance[:-1])
+    with pytest.raises(ValueError, match="visual memory: 14 provenance records for 15 attended slots"):
+        net.predict(images, view_mask, top_k=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# The throughput benchmark's CPU smoke path
+
+
+def _load_benchmark():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "stage2_throughput.py"
+    spec = importlib.util.spec_from_file_location("stage2_throughput", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_benchmark_tiny_path_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _load_benchmark()
+    out = tmp_path / "bench.json"
+    results = bench.main(["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "train samples/s" in printed and "reports/s" in printed
+    assert {r["measure"] for r in results} >= {"train", "generate"}
+    assert all(r["value"] > 0 for r in results)
+    assert out.is_file()

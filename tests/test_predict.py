@@ -1,0 +1,128 @@
+"""amrg.predict: images or folders in, one JSONL line per study out; bad inputs named up front."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from amrg.labels import LABELS
+from amrg.predict import PredictInputError, collect_studies, predict_images
+from tests.conftest import write_image
+from tests.models.test_reporter import IMAGE_SIZE, train_reports, write_banks, write_stage1_checkpoint
+from tests.modules.test_reporter_module import module, save
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stage-2 checkpoint of a tiny model (untrained beyond its random weights)."""
+    root = tmp_path_factory.mktemp("predict_ckpt")
+    visual, report = write_banks(root)
+    files = {"stage1": write_stage1_checkpoint(root / "stage1.ckpt"), "visual": visual, "report": report}
+    model = module(files, root, explain_top_k=3)
+    model.build(train_reports=train_reports())
+    return save(model, root / "stage2.ckpt")
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """in/single.png, in/folder/a.png, in/folder/sub/b.jpg, in/folder/notes.txt (ignored in a folder)."""
+    root = tmp_path / "in"
+    write_image(root / "single.png", size=48, seed=1)  # any size: resized to the checkpoint's 32 px
+    write_image(root / "folder" / "a.png", size=IMAGE_SIZE, seed=2)
+    write_image(root / "folder" / "sub" / "b.jpg", size=IMAGE_SIZE, mode="RGB", seed=3)
+    (root / "folder" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_predict_writes_one_jsonl_line_per_study(checkpoint: Path, images: Path, tmp_path: Path) -> None:
+    out = predict_images(
+        checkpoint,
+        [images / "single.png", images / "folder"],
+        tmp_path / "out" / "pred.jsonl",
+        batch_size=2,
+        top_k_explanations=2,
+        progress=False,
+        max_new_tokens=5,
+    )
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["id"] for line in lines] == ["a", "single", "sub/b"]  # sorted; folder-relative ids
+    for line in lines:
+        assert list(line) == ["id", "report", "probabilities", "explanation"]
+        assert isinstance(line["report"], str)
+        assert list(line["probabilities"]) == list(LABELS)
+        assert all(0.0 <= p <= 1.0 for p in line["probabilities"].values())
+        assert [e["memory"] for e in line["explanation"]] == ["visual", "visual", "report", "report"]
+        for item in line["explanation"]:
+            assert set(item) <= {"memory", "source_id", "label", "text", "weight"}
+            assert item["source_id"].startswith("train_") and item["label"] in LABELS
+            assert 0.0 < item["weight"] <= 1.0
+        assert all(isinstance(e["text"], str) for e in line["explanation"] if e["memory"] == "report")
+    # Deterministic: the same inputs give the same file.
+    again = predict_images(
+        checkpoint,
+        [images / "folder", images / "single.png"],
+        tmp_path / "again.jsonl",
+        batch_size=3,
+        top_k_explanations=2,
+        progress=False,
+        max_new_tokens=5,
+    )
+    assert again.read_text() == out.read_text()
+
+
+def test_group_views_makes_each_subfolder_one_study(images: Path) -> None:
+    write_image(images / "folder" / "sub" / "c.png", size=IMAGE_SIZE, seed=4)
+    studies = collect_studies([images / "folder"], group_views=True)
+    assert [(s.id, [p.name for p in s.paths]) for s in studies] == [
+        ("a", ["a.png"]),
+        ("sub", ["b.jpg", "c.png"]),
+    ]
+
+
+def test_group_views_prediction_runs(checkpoint: Path, images: Path, tmp_path: Path) -> None:
+    write_image(images / "folder" / "sub" / "c.png", size=IMAGE_SIZE, seed=4)
+    out = predict_images(
+        checkpoint,
+        [images / "folder"],
+        tmp_path / "grouped.jsonl",
+        group_views=True,
+        top_k_explanations=0,
+        progress=False,
+        max_new_tokens=4,
+    )
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["id"] for line in lines] == ["a", "sub"] and all(line["explanation"] == [] for line in lines)
+
+
+def test_a_non_image_file_stops_with_one_message(checkpoint: Path, images: Path, tmp_path: Path) -> None:
+    notes = images / "folder" / "notes.txt"
+    broken = images / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    out = tmp_path / "never.jsonl"
+    with pytest.raises(PredictInputError) as err:
+        predict_images(
+            checkpoint, [notes, broken, images / "missing.png", images / "single.png"], out, progress=False
+        )
+    message = str(err.value)
+    assert message.startswith("cannot predict: 3 problem(s) with the inputs:")
+    assert f"'{notes}' is not an image file: expected a radiograph image file (PNG, JPG" in message
+    assert f"'{broken}' is not a readable image" in message
+    assert f"'{images / 'missing.png'}' not found" in message
+    assert not out.exists()
+
+
+def test_an_empty_folder_and_duplicate_ids_are_named(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    write_image(tmp_path / "x" / "scan.png", seed=1)
+    write_image(tmp_path / "y" / "scan.png", seed=2)
+    with pytest.raises(PredictInputError) as err:
+        collect_studies([tmp_path / "empty", tmp_path / "x" / "scan.png", tmp_path / "y" / "scan.png"])
+    assert f"folder '{tmp_path / 'empty'}' holds no image files" in str(err.value)
+    assert "study id 'scan' comes from both" in str(err.value)
+
+
+def test_a_missing_checkpoint_is_named(images: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"stage-2 checkpoint '.*nope.ckpt' not found"):
+        predict_images(tmp_path / "nope.ckpt", [images / "single.png"], tmp_path / "out.jsonl")
