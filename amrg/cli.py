@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "lightning_cli", "main"]
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -168,27 +168,25 @@ def _parsing_settings() -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
-class _AMRGLightningCLI:
-    """Lazily-built LightningCLI subclass (keeps ``amrg --help`` and data commands fast)."""
+def lightning_cli(args: list[str], run: bool = True):
+    """Build amrg's LightningCLI (subclass mode for model and data) over ``args``.
 
-    @staticmethod
-    def run(args: list[str]) -> None:
-        from lightning.pytorch.cli import LightningCLI
+    With ``run=False`` the args hold no subcommand and the CLI only instantiates the model, the
+    data and the trainer (used by tests and notebooks to build a recipe).
+    """
+    from lightning.pytorch.cli import LightningCLI
 
-        _parsing_settings()
-
-        class AMRGCLI(LightningCLI):
-            pass
-
-        AMRGCLI(
-            model_class=None,
-            datamodule_class=None,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
+    _parsing_settings()
+    return LightningCLI(
+        model_class=None,
+        datamodule_class=None,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -199,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     command = argv[0]
     if command in LIGHTNING_COMMANDS:
-        _AMRGLightningCLI.run(argv)
+        lightning_cli(argv)
         return
     target = _group(command)
     if target is not None:
