@@ -265,6 +265,8 @@ class SyntheticDataModule(ReportDataModule):
         image_size: side of the generated PNGs and of the loaded views.
         two_view_prob: probability a study has a second view.
         max_views: V.
+        cleaning: report cleaning rules (the synthetic reports are MIMIC-style prose).
+        labels_from_reports: synthetic studies carry their true labels, so the labeler is off.
         **kwargs: any other :class:`ReportDataModule` argument (batch_size, num_workers, ...).
     """
 
@@ -276,10 +278,11 @@ class SyntheticDataModule(ReportDataModule):
         image_size: int = 64,
         two_view_prob: float = 0.5,
         max_views: int = 2,
+        cleaning: CleaningStyle = "mimic_cxr",
+        labels_from_reports: bool = False,
         **kwargs,
     ) -> None:
-        kwargs.setdefault("cleaning", "mimic_cxr")
-        kwargs.setdefault("labels_from_reports", False)
+        kwargs.update(cleaning=cleaning, labels_from_reports=labels_from_reports)
         self.root = Path(root)
         self.n, self.seed, self.two_view_prob = n, seed, two_view_prob
         data_dir = self.root / f"n{n}_seed{seed}_px{image_size}_v{two_view_prob:g}"
