@@ -74,9 +74,15 @@ class VisionEncoder(nn.Module):
     ``"concat"`` keeps every view's tokens, so N is V times that. Views marked False in ``view_mask`` are
     never encoded and never contribute.
 
-    Grad-CAM: hook :attr:`cam_target_layer` (the backbone's final norm), pass
-    :meth:`reshape_transform` to ``pytorch_grad_cam`` and feed single views as [B, 3, H, W]. The hooked activations hold one row per encoded
-    view, in row-major (B, V) order over the views that ``view_mask`` keeps (all B*V when it is None).
+    Grad-CAM: hook :attr:`cam_target_layer` (the backbone's final norm), pass :meth:`reshape_transform`
+    to ``pytorch_grad_cam`` and feed single views as [B, 3, H, W]. The hooked activations hold one row
+    per encoded view, in row-major (B, V) order over the views that ``view_mask`` keeps (all B*V when
+    it is None).
+
+    Weights: the constructor builds random weights; ``checkpoint_path`` / ``pretrained`` then load
+    pretrained ones. That file read is the one deliberate I/O in a constructor, so that a YAML recipe
+    can name the ImageNet weights; checkpoints of trained models store these as null/false (see
+    ``amrg.modules.classifier``) so rebuilding never reads the file again.
     """
 
     def __init__(
@@ -98,7 +104,8 @@ class VisionEncoder(nn.Module):
 
         Args:
             model_name: any timm model name; its architecture defaults apply unless overridden below.
-            img_size: input height and width in pixels (the data module's ``image_size``).
+            img_size: input height and width in pixels (the data module's ``image_size``); passed to
+                timm, so the family must accept it (Swin, ViT and most transformer families do).
             embed_dim: override of the stem width (Swin ``embed_dim``), e.g. 32 for a tiny test model.
             depths: override of blocks per stage (Swin ``depths``), e.g. ``(1, 1)``.
             num_heads: override of attention heads per stage (Swin ``num_heads``), e.g. ``(1, 2)``.

@@ -225,7 +225,14 @@ def test_fit_logs_the_documented_metrics_and_predict_returns_ids(tmp_path):
     trainer = _trainer(tmp_path, max_steps=2)
     trainer.fit(module, TinyData())
     logged = trainer.callback_metrics
-    for key in ("train/loss", "val/loss", "val/auroc_mean", "val/f1_micro", "val/f1_macro", "train/auroc_mean"):
+    for key in (
+        "train/loss",
+        "val/loss",
+        "val/auroc_mean",
+        "val/f1_micro",
+        "val/f1_macro",
+        "train/auroc_mean",
+    ):
         assert key in logged, key
     for name in LABELS:
         assert f"val/auroc/{name.replace(' ', '_')}" in logged
@@ -281,12 +288,21 @@ def test_cli_checkpoint_rebuilds_the_net_from_the_checkpoint_alone(tmp_path, mon
                 "net": {
                     "class_path": "amrg.models.classifier.DiseaseClassifier",
                     "init_args": {
-                        "encoder": {"class_path": "amrg.models.vision.VisionEncoder", "init_args": encoder_args},
+                        "encoder": {
+                            "class_path": "amrg.models.vision.VisionEncoder",
+                            "init_args": encoder_args,
+                        },
                         "qformer": {"class_path": "amrg.models.qformer.DiseaseQFormer", "init_args": QFORMER},
                     },
                 },
-                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3, "weight_decay": 0.05}},
-                "scheduler": {"class_path": "amrg.modules._optim.WarmupCosineLR", "init_args": {"warmup_steps": 1}},
+                "optimizer": {
+                    "class_path": "torch.optim.AdamW",
+                    "init_args": {"lr": 1e-3, "weight_decay": 0.05},
+                },
+                "scheduler": {
+                    "class_path": "amrg.modules._optim.WarmupCosineLR",
+                    "init_args": {"warmup_steps": 1},
+                },
                 "uncertain": "positive",
             },
         },
@@ -323,7 +339,9 @@ def test_load_classifier_names_a_mismatching_net(tmp_path):
     trainer.save_checkpoint(path)
     torch.manual_seed(0)
     other = DiseaseClassifier(VisionEncoder(**ENCODER), DiseaseQFormer(**{**QFORMER, "num_layers": 3}))
-    with pytest.raises(ValueError, match=r"s1\.ckpt: weights do not fit DiseaseClassifier: missing \[.*layer\.2"):
+    with pytest.raises(
+        ValueError, match=r"s1\.ckpt: weights do not fit DiseaseClassifier: missing \[.*layer\.2"
+    ):
         load_classifier(path, net=other)
     with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
         load_classifier(tmp_path / "nothing.ckpt")
