@@ -83,19 +83,17 @@ def data_preview(annotation: Path, *, out: Path, image_root: Path | None = None,
 
 
 # ---- memory -----------------------------------------------------------------------------------
-def _memory_build(**kwargs) -> None:
-    from amrg.memory.build import memory_build
-
-    print(memory_build(**kwargs))
-
-
 def _memory_build_handler() -> Callable[..., None]:
-    # jsonargparse reads the signature and docstring of the real function; the wrapper prints.
     import functools
 
     from amrg.memory.build import memory_build
 
-    return functools.wraps(memory_build)(_memory_build)
+    # jsonargparse reads the signature and docstring of the real function; the wrapper prints.
+    @functools.wraps(memory_build)
+    def run(**kwargs) -> None:
+        print(memory_build(**kwargs))
+
+    return run
 
 
 # ---- prediction on image files ------------------------------------------------------------------

@@ -25,6 +25,7 @@ from torchmetrics.classification import MultilabelAUROC, MultilabelF1Score
 from amrg.data.batch import Batch
 from amrg.labels import LABELS, NUM_LABELS
 from amrg.models.classifier import DiseaseClassifier
+from amrg.modules._hparams import is_plain
 from amrg.modules._optim import configure_optimizer
 
 __all__ = ["ClassifierModule", "label_targets", "load_classifier"]
@@ -193,7 +194,7 @@ class ClassifierModule(LightningModule):
             else [
                 n
                 for n, v in (("net", net), ("optimizer", optimizer), ("scheduler", scheduler))
-                if not _is_plain(v)
+                if not is_plain(v)
             ]
         )
         self.save_hyperparameters(ignore=ignore)
@@ -333,17 +334,6 @@ class ClassifierModule(LightningModule):
             hparams = copy.deepcopy(hparams)
             hparams["net"] = _clear_weight_sources(hparams["net"])
             checkpoint["hyper_parameters"] = hparams
-
-
-def _is_plain(value: Any) -> bool:
-    """Whether a value is plain data (what a YAML config holds), safe for ``weights_only`` loading."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
-    return False
 
 
 def _clear_weight_sources(config: Any) -> Any:

@@ -52,6 +52,7 @@ from amrg.models.llm import (
 from amrg.models.reporter import ReportGenerator
 from amrg.models.retrievers import HopfieldRetriever
 from amrg.models.tokenizer import train_report_tokenizer
+from amrg.modules._hparams import is_plain
 from amrg.modules._optim import configure_optimizer
 from amrg.modules.classifier import load_classifier
 
@@ -908,16 +909,6 @@ def _train_reports(datamodule: Any, tokenizer_path: Path | None) -> list[str]:
     return [clean(study.report) for study in dataset.studies]
 
 
-def _is_plain(value: Any) -> bool:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
-    return False
-
-
 def _plain(value: Any) -> Any:
     """A plain-data form of a constructor argument, or ``_SKIP`` when it has none."""
     if isinstance(value, Path):
@@ -928,7 +919,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, type):
         return {"class_path": f"{value.__module__}.{value.__qualname__}"}
     if isinstance(value, functools.partial) and isinstance(value.func, type) and not value.args:
-        if _is_plain(value.keywords):
+        if is_plain(value.keywords):
             return {
                 "class_path": f"{value.func.__module__}.{value.func.__qualname__}",
                 "init_args": dict(value.keywords),
@@ -936,7 +927,7 @@ def _plain(value: Any) -> Any:
         return _SKIP
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
-    return value if _is_plain(value) else _SKIP
+    return value if is_plain(value) else _SKIP
 
 
 _SKIP = object()

@@ -19,13 +19,13 @@ from amrg.data.datamodules import ReportDataModule
 from amrg.labels import LABELS
 from amrg.models.llm import LoRAConfig
 from amrg.models.retrievers import HopfieldRetriever
+from amrg.modules._hparams import is_plain
 from amrg.modules.reporter import (
     CHECKPOINT_KEY,
     DecodingConfig,
     MemorySampling,
     ReporterModule,
     TinyLLMConfig,
-    _is_plain,
 )
 from tests.models.test_reporter import (
     REPORT_DIM,
@@ -150,7 +150,7 @@ def test_fit_trains_the_tokenizer_from_train_reports_and_a_reload_writes_identic
     )
     assert record["report_memory"]["sampling"] == {"total": 6000, "per_label_max": None, "seed": 0}
     assert "tokenizer.json" in record["tokenizer_files"] and record["image_size"] == 32
-    assert _is_plain(state["hyper_parameters"])
+    assert is_plain(state["hyper_parameters"])
 
     images, view_mask = batch(3)
     expected = model.net.generate(images, view_mask)
