@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
 import timm
 import torch
+from timm.layers import PatchEmbed
 from torch import Tensor, nn
 
-__all__ = ["VisionEncoder", "load_state_file"]
+__all__ = ["ConvPatchEmbed", "VisionEncoder", "load_state_file"]
 
 _logger = logging.getLogger(__name__)
 
@@ -66,6 +67,37 @@ def load_state_file(path: Path | str) -> dict[str, Tensor]:
     return dict(state)
 
 
+class ConvPatchEmbed(PatchEmbed):
+    """Patch embedding by a stack of stride-2 3x3 convolutions instead of one patch-sized convolution.
+
+    Xiao et al., 2021, "Early Convolutions Help Transformers See Better", https://arxiv.org/abs/2106.14881:
+    a convolutional stem makes a small transformer trained from scratch learn local detail faster. Used
+    by the demo's from-scratch Swin (small signs on 64 px films); the paper's Swin keeps timm's stem.
+    log2(patch_size) conv-BN-GELU layers, widths doubling up to ``embed_dim`` (at least 8), then a 1x1 projection;
+    the output grid, format and norm are timm's ``PatchEmbed``'s.
+
+    Shapes: [B, 3, H, W] -> [B, H/p, W/p, embed_dim] (Swin asks for NHWC).
+    """
+
+    def __init__(self, *args: object, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, **kwargs):
+        super().__init__(*args, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, **kwargs)
+        size = self.patch_size[0]
+        if self.patch_size[0] != self.patch_size[1] or size < 2 or size & (size - 1):
+            raise ValueError(f"the conv stem needs a square power-of-two patch_size, got {self.patch_size}")
+        layers: list[nn.Module] = []
+        width, n = in_chans, size.bit_length() - 1
+        for i in range(n):
+            out = max(embed_dim // 2 ** (n - i), 8)
+            layers += [
+                nn.Conv2d(width, out, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.GELU(),
+            ]
+            width = out
+        layers.append(nn.Conv2d(width, embed_dim, 1))
+        self.proj = nn.Sequential(*layers)
+
+
 class VisionEncoder(nn.Module):
     """A timm backbone applied to every view of a study, giving one set of patch tokens per study.
 
@@ -75,7 +107,8 @@ class VisionEncoder(nn.Module):
     never encoded and never contribute.
 
     Grad-CAM: hook :attr:`cam_target_layer` (the backbone's final norm), pass :meth:`reshape_transform`
-    to ``pytorch_grad_cam`` and feed single views as [B, 3, H, W]. The hooked activations hold one row
+    to ``pytorch_grad_cam`` and feed single views as [B, 3, H, W]; :meth:`cam_layer` also offers the
+    stem's last activation. The hooked activations hold one row
     per encoded view, in row-major (B, V) order over the views that ``view_mask`` keeps (all B*V when
     it is None).
 
@@ -99,6 +132,7 @@ class VisionEncoder(nn.Module):
         pretrained: bool = False,
         multi_view: Literal["mean", "concat"] = "mean",
         freeze: bool = False,
+        stem: Literal["patch", "conv"] = "patch",
     ) -> None:
         """Build the backbone with random weights, then optionally load weights.
 
@@ -121,6 +155,9 @@ class VisionEncoder(nn.Module):
             multi_view: how to fuse views: ``"mean"`` of the views' patch tokens (paper) or ``"concat"``
                 along the token axis.
             freeze: stop gradients into the backbone and keep it in eval mode.
+            stem: ``"patch"`` (timm's patch-sized convolution, the paper's Swin) or ``"conv"``
+                (:class:`ConvPatchEmbed`, stride-2 3x3 convolutions; for small models trained from
+                scratch; Swin-family backbones only, and pretrained stem weights do not fit it).
         """
         super().__init__()
         if multi_view not in ("mean", "concat"):
@@ -135,11 +172,16 @@ class VisionEncoder(nn.Module):
         kwargs = {k: v for k, v in overrides.items() if v is not None}
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+        if stem == "conv":
+            kwargs["embed_layer"] = ConvPatchEmbed
         # num_classes=0: the backbone has no classifier; the disease head lives in DiseaseClassifier.
         self.backbone = timm.create_model(
             model_name, pretrained=pretrained, num_classes=0, img_size=img_size, **kwargs
         )
         self.model_name = model_name
+        self.stem = stem
         self.img_size = img_size
         self.multi_view = multi_view
         self.frozen = freeze
@@ -295,6 +337,32 @@ class VisionEncoder(nn.Module):
         if not isinstance(norm, nn.Module) or isinstance(norm, nn.Identity):
             raise ValueError(f"{self.model_name}: backbone has no final norm to use as Grad-CAM target layer")
         return norm
+
+    def cam_layer(
+        self, name: Literal["final_norm", "stem"]
+    ) -> tuple[nn.Module, Callable[[Tensor], Tensor] | None]:
+        """A Grad-CAM target layer by name, with the transform its activations need.
+
+        Args:
+            name: ``"final_norm"`` (the paper's: :attr:`cam_target_layer`, channels-last) or ``"stem"``: the
+                last activation of the patch-embedding stem (the GELU before the 1x1 projection of a
+                ``stem="conv"`` encoder; the patch convolution itself otherwise), channels-first, at the
+                first stage's token grid. Stem features are local and non-negative, what Grad-CAM-family
+                maps were designed for; gradients still flow back through every Swin stage.
+
+        Returns:
+            ``(layer, reshape_transform)``; the transform is None for channels-first activations.
+        """
+        if name == "final_norm":
+            return self.cam_target_layer, self.reshape_transform
+        if name == "stem":
+            proj = getattr(getattr(self.backbone, "patch_embed", None), "proj", None)
+            if isinstance(proj, nn.Sequential):
+                return [m for m in proj if isinstance(m, nn.GELU)][-1], None
+            if isinstance(proj, nn.Conv2d):
+                return proj, None
+            raise ValueError(f"{self.model_name}: backbone has no patch-embedding stem to use as CAM target")
+        raise ValueError(f"CAM target layer must be 'final_norm' or 'stem', got {name!r}")
 
     @staticmethod
     def reshape_transform(activations: Tensor) -> Tensor:

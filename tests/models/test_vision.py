@@ -135,3 +135,40 @@ def test_four_dim_input_is_one_view_and_other_ranks_are_rejected():
         assert torch.equal(enc.forward_features(images), enc.forward_features(images[:, None]))
     with pytest.raises(ValueError, match=r"\[B, V, 3, H, W\]"):
         enc.forward_features(torch.randn(3, 32, 32))
+
+
+def test_conv_stem_keeps_the_token_grid_and_trains_end_to_end():
+    enc = _encoder(stem="conv")
+    stem = enc.backbone.patch_embed.proj
+    # patch 4 = two stride-2 3x3 convolutions (widths 16/4 and 16/2, floored at 8), then a 1x1 to 16.
+    convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.kernel_size, c.stride, c.out_channels) for c in convs] == [
+        ((3, 3), (2, 2), 8),
+        ((3, 3), (2, 2), 8),
+        ((1, 1), (1, 1), 16),
+    ]
+    tokens, _ = enc(torch.randn(2, 2, 3, 32, 32))
+    assert tokens.shape == (2, 16, 32)  # the same grid and width as the patch stem
+    tokens.square().mean().backward()
+    assert all(p.grad is not None and p.grad.any() for p in stem.parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"stem": "resnet"}, "stem"), ({"patch_size": 6, "stem": "conv"}, "power-of-two")]
+)
+def test_bad_stem_options_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VisionEncoder(**{**TINY, "img_size": 48, **kwargs})
+
+
+def test_cam_layer_names_the_final_norm_or_the_stem():
+    enc = _encoder()
+    assert enc.cam_layer("final_norm") == (enc.backbone.norm, VisionEncoder.reshape_transform)
+    assert enc.cam_layer("stem") == (enc.backbone.patch_embed.proj, None)
+    conv = _encoder(stem="conv")
+    layer, reshape = conv.cam_layer("stem")
+    assert (
+        layer is conv.backbone.patch_embed.proj[-2] and isinstance(layer, torch.nn.GELU) and reshape is None
+    )
+    with pytest.raises(ValueError, match="'final_norm' or 'stem'"):
+        enc.cam_layer("layers.0")
