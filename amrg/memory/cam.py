@@ -20,8 +20,10 @@ and the backward pass starts at the target layer), and the crops through the enc
 ``benchmarks/memory_build.py`` compares against).
 
 Validity on synthetic data (``benchmarks/pointing_accuracy.py``): with a model whose features are spatially
-specific the mined patches land on the sign (tests/memory/test_cam.py); with the demo stage-1 model they
-do not yet beat random patch choice (see that benchmark's docstring for the numbers).
+specific the mined patches land on the sign (tests/memory/test_cam.py). On the tiny from-scratch demo
+Swin, the paper's Grad-CAM on the final norm points below random; LayerCAM on the stem's last activation
+(``CAMConfig(method="layercam", target_layer="stem")``, the demo recipe) beats random several times over,
+but stays under the issue's 0.6 (see that benchmark's docstring for the numbers).
 """
 
 from __future__ import annotations
@@ -89,6 +91,10 @@ class CAMConfig:
     method: CAMMethod = "gradcam"
     """CAM method of the grad-cam package (paper: ``gradcam``); ``layercam`` weights each location by its
     own positive gradient instead of the spatial mean, and points at the sign better on our models."""
+    target_layer: Literal["final_norm", "stem"] = "final_norm"
+    """Layer whose activations the CAM weighs (paper: ``final_norm``, the final Swin norm); ``stem`` is the
+    patch-embedding stem's last activation (see :meth:`VisionEncoder.cam_layer`): local, non-negative
+    features at the first stage's grid. With ``stem`` each (view, label) pair runs the whole backbone."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -104,6 +110,8 @@ class CAMConfig:
             problems.append(f"cam.batch_size must be a positive int, got {self.batch_size!r}")
         if self.method not in _CAM_CLASSES:
             problems.append(f"cam.method must be one of {list(_CAM_CLASSES)}, got {self.method!r}")
+        if self.target_layer not in ("final_norm", "stem"):
+            problems.append(f"cam.target_layer must be 'final_norm' or 'stem', got {self.target_layer!r}")
         if problems:
             raise ValueError("invalid CAM options: " + "; ".join(problems))
 
@@ -270,15 +278,16 @@ class CAMMiner:
                 f"cam.patch_size={self.config.patch_size} does not divide the encoder input size "
                 f"{self.input_size} (net.encoder.img_size)"
             )
-        target_layer = net.encoder.cam_target_layer
+        target_layer, reshape = net.encoder.cam_layer(self.config.target_layer)
+        self._target_layer = target_layer
         self._restore = _GradientFromTargetLayer(net, target_layer)
         cam_class = getattr(pytorch_grad_cam, _CAM_CLASSES[self.config.method])
-        self._cam = cam_class(
-            model=net, target_layers=[target_layer], reshape_transform=net.encoder.reshape_transform
-        )
+        self._cam = cam_class(model=net, target_layers=[target_layer], reshape_transform=reshape)
         self.net.eval()
         self._warned_resize = False
-        self._share_trunk = True
+        # Sharing one backbone pass between a view's labels needs the target layer to end the backbone;
+        # from the stem on, every pair needs its own backward through the Swin stages anyway.
+        self._share_trunk = self.config.target_layer == "final_norm"
         self._trunk_checked = False
 
     # -------------------------------------------------------------- lifecycle
@@ -339,7 +348,7 @@ class CAMMiner:
             The package's maps, numpy [K, S, S], or None after a failed check.
         """
         backbone = self.net.encoder.backbone
-        layer = self.net.encoder.cam_target_layer
+        layer = self._target_layer
         kept: list[Tensor] = []
         handle = layer.register_forward_pre_hook(lambda module, args: kept.append(args[0]))
         try:
@@ -517,7 +526,7 @@ class CAMMiner:
                 "cam": asdict(cfg),
                 "input_size": self.input_size,
                 "method": cfg.method,
-                "target_layer": "encoder.cam_target_layer (final backbone norm)",
+                "target_layer": cfg.target_layer,
                 "encoder": str(self.net.encoder.model_name),
                 "projection": "qformer.visual_proj (stage-1 trained), mean over tokens",
                 "studies": n_studies,

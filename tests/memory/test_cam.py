@@ -27,9 +27,11 @@ from amrg.models.vision import VisionEncoder
 SIZE = 32
 
 
-def _net(seed: int = 0) -> DiseaseClassifier:
+def _net(seed: int = 0, stem: str = "patch") -> DiseaseClassifier:
     torch.manual_seed(seed)
-    enc = VisionEncoder(img_size=SIZE, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4)
+    enc = VisionEncoder(
+        img_size=SIZE, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4, stem=stem
+    )
     qf = DiseaseQFormer(
         vision_width=enc.num_features,
         hidden_size=32,
@@ -69,6 +71,7 @@ def _batch(n: int = 6, seed: int = 0, prefix: str = "s") -> Batch:
         ({"top_k": 0}, "cam.top_k"),
         ({"batch_size": 0}, "cam.batch_size"),
         ({"method": "scorecam"}, "cam.method"),
+        ({"target_layer": "layers.0"}, "cam.target_layer"),
     ],
 )
 def test_cam_config_rejects_bad_values_naming_the_flag(kwargs, flag):
@@ -77,7 +80,10 @@ def test_cam_config_rejects_bad_values_naming_the_flag(kwargs, flag):
 
 
 def test_paper_defaults():
-    assert CAMConfig() == CAMConfig(patch_size=16, threshold=0.75, top_k=6, batch_size=32, method="gradcam")
+    paper = CAMConfig(
+        patch_size=16, threshold=0.75, top_k=6, batch_size=32, method="gradcam", target_layer="final_norm"
+    )
+    assert CAMConfig() == paper
 
 
 def test_patch_size_must_divide_the_encoder_input():
@@ -130,6 +136,30 @@ def test_cams_shape_and_normalisation(method):
     assert maps.shape == (3, SIZE, SIZE) and maps.dtype == torch.float32
     for m in maps:
         assert m.min() == 0 and math.isclose(float(m.max()), 1.0, abs_tol=1e-6) or (m == 0).all()
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_stem_target_gives_maps_of_the_stem_activation_and_restores_the_network(stem):
+    net = _net(stem=stem).eval()
+    layer, reshape = net.encoder.cam_layer("stem")
+    assert reshape is None  # the stem's activations are channels-first
+    images = torch.randn(2, 3, SIZE, SIZE)
+    acts = {}
+    handle = layer.register_forward_hook(lambda m, a, out: acts.__setitem__("a", out))
+    logits = net(images)
+    a = acts["a"]  # [K, C, h, w] at the first stage's 8x8 grid
+    grads = torch.autograd.grad(logits[0, 2] + logits[1, 5], a)[0]  # through every Swin stage
+    handle.remove()
+    raw = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * a).sum(1)).detach()  # hand Grad-CAM, [K, h, w]
+    with CAMMiner(net, CAMConfig(patch_size=8, target_layer="stem")) as miner:
+        assert not miner._share_trunk  # the stem does not end the backbone: no shared pass
+        maps = miner.cams(images, [2, 5], torch.tensor([0, 1]))
+    # cv2's bilinear upsampling of an 8x8 map blurs more than a 4x4 one: a looser match than the test below
+    pooled = torch.nn.functional.adaptive_avg_pool2d(maps[:, None], raw.shape[1])[:, 0]
+    for k in range(2):
+        ref = minmax_normalise(raw[k : k + 1])[0]
+        assert torch.corrcoef(torch.stack([pooled[k].flatten(), ref.flatten()]))[0, 1] > 0.9
+    assert not layer._forward_hooks and all(p.requires_grad for p in net.parameters())
 
 
 def test_cam_is_the_gradient_weighted_target_layer_activation():
@@ -205,6 +235,7 @@ def test_mined_records_provenance_and_limits():
         "top_k": 2,
         "batch_size": 5,
         "method": "gradcam",
+        "target_layer": "final_norm",
     }
     assert bank.metadata["input_size"] == SIZE and bank.metadata["note"] == "test"
     positive = {
@@ -261,6 +292,17 @@ def test_batched_equals_unbatched():
         for a, b in zip(fast.provenance(label), slow.provenance(label), strict=True):
             assert a["box"] == b["box"] and a["source_id"] == b["source_id"] and a["view"] == b["view"]
             assert math.isclose(a["cam_score"], b["cam_score"], abs_tol=1e-4)
+
+
+def test_batched_equals_unbatched_with_the_stem_target():
+    net = _net(stem="conv")
+    cfg = dict(patch_size=8, threshold=0.2, top_k=3, method="layercam", target_layer="stem")
+    fast = mine_visual_memory(net, [_batch(seed=1)], CAMConfig(**cfg, batch_size=16), progress=False)
+    slow = mine_visual_memory(net, [_batch(seed=1)], CAMConfig(**cfg, batch_size=1), progress=False)
+    assert fast.counts() == slow.counts() and len(fast) > 10
+    assert fast.metadata["target_layer"] == "stem"
+    for label in LABELS:
+        assert torch.allclose(fast.features(label), slow.features(label), atol=1e-4)
 
 
 def test_network_is_restored_after_mining():
