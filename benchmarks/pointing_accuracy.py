@@ -84,6 +84,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=Path("runs/demo/stage1/checkpoints/last.ckpt"))
     parser.add_argument("--methods", nargs="+", default=["gradcam", "layercam"])
     parser.add_argument("--patch-sizes", type=int, nargs="+", default=[8, 16])
+    parser.add_argument(
+        "--target-layers", nargs="+", default=["final_norm", "stem"], choices=["final_norm", "stem"]
+    )
     parser.add_argument("--threshold", type=float, default=0.75)
     parser.add_argument("--top-k", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=64, help="(view, label) pairs per CAM pass")
@@ -115,38 +118,40 @@ def main() -> None:
     print(
         f"# {len(train)} train studies of {data.annotation_path}; threshold {args.threshold}, top-k {args.top_k}"
     )
-    head = ("method", "patch px", "grid", "patches", "scored", "pointing acc", "random", "mining s")
+    head = ("method", "layer", "patch px", "grid", "patches", "scored", "pointing acc", "random", "mining s")
     print(" | ".join(f"{h:>12}" for h in head))
-    print("-" * 120)
+    print("-" * 135)
     per_label = {}
     size = int(net.encoder.img_size)
-    for method in args.methods:
-        for patch in args.patch_sizes:
-            cfg = CAMConfig(
-                patch_size=patch,
-                threshold=args.threshold,
-                top_k=args.top_k,
-                batch_size=args.batch_size,
-                method=method,
-            )
-            t0 = time.perf_counter()
-            bank = mine_visual_memory(net, loader, cfg, progress=False)
-            secs = time.perf_counter() - t0
-            result = pointing_accuracy(bank, boxes)
-            per_label[(method, patch)] = result["per_label"]
-            row = (
-                method,
-                patch,
-                f"{size // patch}x{size // patch}",
-                len(bank),
-                result["scored"],
-                f"{result['accuracy']:.3f}",
-                f"{result['random']:.3f}",
-                f"{secs:.1f}",
-            )
-            print(" | ".join(f"{v:>12}" for v in row), flush=True)
-    for (method, patch), labels in per_label.items():
-        print(f"\n# per label, {method}, {patch} px patches: hits / scored")
+    runs = [(m, t, p) for t in args.target_layers for m in args.methods for p in args.patch_sizes]
+    for method, layer, patch in runs:
+        cfg = CAMConfig(
+            patch_size=patch,
+            threshold=args.threshold,
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+            method=method,
+            target_layer=layer,
+        )
+        t0 = time.perf_counter()
+        bank = mine_visual_memory(net, loader, cfg, progress=False)
+        secs = time.perf_counter() - t0
+        result = pointing_accuracy(bank, boxes)
+        per_label[(method, layer, patch)] = result["per_label"]
+        row = (
+            method,
+            layer,
+            patch,
+            f"{size // patch}x{size // patch}",
+            len(bank),
+            result["scored"],
+            f"{result['accuracy']:.3f}",
+            f"{result['random']:.3f}",
+            f"{secs:.1f}",
+        )
+        print(" | ".join(f"{v:>12}" for v in row), flush=True)
+    for (method, layer, patch), labels in per_label.items():
+        print(f"\n# per label, {method} on {layer}, {patch} px patches: hits / scored")
         for label, (hits, scored) in labels.items():
             print(f"  {label:<28} {hits:>5} / {scored:<5} {hits / scored:.2f}")
 
