@@ -7,6 +7,7 @@ tests/modules/test_reporter_module.py and tests/test_predict.py use.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -378,3 +379,35 @@ def test_throughput_benchmark_tiny_path_runs(tmp_path: Path, capsys: pytest.Capt
     assert {r["measure"] for r in results} >= {"train", "generate"}
     assert all(r["value"] > 0 for r in results)
     assert out.is_file()
+
+
+def test_throughput_benchmark_flops_on_meta_equal_real_tensors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--flops counts by shape: the meta device (how the 7B model is counted without its weights) must
+    give exactly the counts of real CPU tensors, split by module group with nothing left over."""
+    bench = _load_benchmark()
+    out = tmp_path / "flops.json"
+    meta = bench.main(["--tiny", "--flops", "--json", str(out)])
+    real = bench.main(["--tiny", "--flops", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "module group" in printed and "bare LLM" in printed
+
+    def by_measure(results: list[dict]) -> dict[str, dict]:
+        return {r["measure"]: {k: v for k, v in r.items() if k != "device"} for r in results}
+
+    counts = by_measure(meta)
+    assert counts == by_measure(real)
+    assert set(counts) == {"train_flops", "train_flops_bare_llm", "prefill_flops", "prefill_flops_bare_llm"}
+    for step in ("train_flops", "prefill_flops"):
+        full, bare = counts[step], counts[f"{step}_bare_llm"]
+        groups = full["groups"]
+        assert sum(groups.values()) == full["value"] > bare["value"] > 0
+        assert all(groups[g] > 0 for g in ("vision encoder", "Q-Former", "retrievers", "prefix projection"))
+        assert groups["other"] < 0.001 * full["value"]  # the stage-1 head only
+        parts = {g: v for g, v in full["overhead"].items() if g != "total"}  # the groups' parts add up
+        assert sum(parts.values()) == pytest.approx(full["overhead"]["total"])
+    # The prefill runs the same LLM ops as the bare LLM; training adds the backward into the prefix.
+    assert counts["prefill_flops"]["groups"]["LLM"] == counts["prefill_flops_bare_llm"]["value"]
+    assert counts["train_flops"]["groups"]["LLM"] > counts["train_flops_bare_llm"]["value"]
+    assert json.loads(out.read_text())["results"] == meta
