@@ -348,6 +348,8 @@ class MemoryBank:
             tensors, str(tmp_tensors), metadata={"format": _FORMAT, "format_version": str(FORMAT_VERSION)}
         )
         tmp_json.write_text(json.dumps(header, indent=1) + "\n", encoding="utf-8")
+        # safetensors creates its file owner-only (0600); give it the mode the user's umask gives the JSON.
+        os.chmod(tmp_tensors, tmp_json.stat().st_mode & 0o777)
         os.replace(tmp_tensors, tensor_path)
         os.replace(tmp_json, json_path)
         _logger.info(

@@ -184,6 +184,17 @@ def test_sample_is_deterministic_nested_and_recorded() -> None:
 
 
 # ---------------------------------------------------------------------------- save / load
+def test_saved_tensor_file_gets_the_umask_mode_like_the_json(tmp_path: Path) -> None:
+    """safetensors writes owner-only files; a bank shared on a cluster must be readable like its JSON."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        tensor_path, json_path = _bank().save(tmp_path / "visual")
+    finally:
+        os.umask(old)
+    assert tensor_path.stat().st_mode & 0o777 == json_path.stat().st_mode & 0o777 == 0o644
+
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
