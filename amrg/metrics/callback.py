@@ -50,8 +50,10 @@ class ReportMetricsCallback(L.Callback):
     ``{"id", "hypothesis", "reference", "hyp_labels", "ref_labels"}`` object per report (sorted by id;
     labels are 14 values 1/0/-1/null in ``amrg.labels.LABELS`` order, null when CE is off) and
     ``{stage}_metrics_epoch{N}.json`` with ``{"stage", "epoch", "num_reports", "metrics"}``, where
-    ``metrics`` maps the logged names to values. N is ``trainer.current_epoch``; several validation
-    runs in one epoch (``val_check_interval < 1``) overwrite that epoch's files.
+    ``metrics`` maps the logged names to values. N is ``trainer.current_epoch``; when fitting validates
+    more than once per epoch (``val_check_interval < 1``, or step-based with
+    ``check_val_every_n_epoch=None``), the names also carry the step (``..._epoch{N}_step{S}...``) so no
+    run overwrites another's files.
 
     Values are logged with ``pl_module.log_dict`` at epoch end, so
     ``ModelCheckpoint(monitor="val/bleu4", mode="max")`` and ``EarlyStopping`` can use them. The
@@ -197,7 +199,7 @@ class ReportMetricsCallback(L.Callback):
 
         dirpath = self._resolve_dirpath(trainer)  # on every rank: trainer.log_dir is a collective
         if trainer.is_global_zero:
-            self._write(stage, trainer.current_epoch, dirpath, nlg, ce, logged)
+            self._write(stage, trainer, dirpath, nlg, ce, logged)
         nlg.reset()
         if ce is not None:
             ce.reset()
@@ -216,14 +218,16 @@ class ReportMetricsCallback(L.Callback):
     def _write(
         self,
         stage: Stage,
-        epoch: int,
+        trainer: L.Trainer,
         dirpath: Path,
         nlg: NLGScores,
         ce: ClinicalEfficacy | None,
         logged: dict[str, float],
     ) -> None:
         dirpath.mkdir(parents=True, exist_ok=True)
-        pred_path = dirpath / f"{stage}_predictions_epoch{epoch}.jsonl"
+        epoch, step = trainer.current_epoch, trainer.global_step
+        tag = f"epoch{epoch}_step{step}" if _validates_within_epochs(trainer) else f"epoch{epoch}"
+        pred_path = dirpath / f"{stage}_predictions_{tag}.jsonl"
         with pred_path.open("w", encoding="utf-8") as f:
             for sid, hyp, ref in nlg.last_rows:
                 labels = ce.last_labels.get(sid) if ce is not None else None
@@ -235,8 +239,14 @@ class ReportMetricsCallback(L.Callback):
                     "ref_labels": labels["ref"] if labels else None,
                 }
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        metrics_path = dirpath / f"{stage}_metrics_epoch{epoch}.json"
-        summary = {"stage": stage, "epoch": epoch, "num_reports": len(nlg.last_rows), "metrics": logged}
+        metrics_path = dirpath / f"{stage}_metrics_{tag}.json"
+        summary = {
+            "stage": stage,
+            "epoch": epoch,
+            "global_step": step,
+            "num_reports": len(nlg.last_rows),
+            "metrics": logged,
+        }
         metrics_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         headline = ", ".join(
             f"{k}={logged[k]:.4f}" for k in (f"{stage}/bleu4", f"{stage}/cider") if k in logged
@@ -250,3 +260,12 @@ class ReportMetricsCallback(L.Callback):
             pred_path,
             metrics_path,
         )
+
+
+def _validates_within_epochs(trainer: L.Trainer) -> bool:
+    """Whether fitting validates more than once per epoch or on a step schedule across epochs."""
+    if trainer.state.fn != "fit":  # trainer.validate / trainer.test: one run per call
+        return False
+    if trainer.check_val_every_n_epoch is None:
+        return True
+    return trainer.val_check_batch < trainer.num_training_batches  # either may be inf (iterable data)

@@ -179,6 +179,19 @@ def test_every_n_val_epochs(tmp_path):
     assert (tmp_path / "val_metrics_epoch3.json").exists()
 
 
+def test_several_validations_per_epoch_write_their_own_files(tmp_path):
+    callback = ReportMetricsCallback(dirpath=tmp_path, meteor=False, ce=False)
+    trainer = _trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=2, val_check_interval=0.5)
+    trainer.fit(ToyReporter(), train_dataloaders=_loader(), val_dataloaders=_loader())
+    names = sorted(p.name for p in tmp_path.glob("val_metrics_*.json"))
+    assert names == ["val_metrics_epoch0_step1.json", "val_metrics_epoch0_step2.json"]
+    summary = json.loads((tmp_path / names[0]).read_text())
+    assert (summary["epoch"], summary["global_step"]) == (0, 1)
+    assert (tmp_path / "val_predictions_epoch0_step2.jsonl").exists()
+    trainer.validate(ToyReporter(), dataloaders=_loader(), verbose=False)  # outside fit: the epoch name
+    assert (tmp_path / "val_metrics_epoch1.json").exists()
+
+
 def test_bad_step_output_is_reported(tmp_path):
     class NoDict(ToyReporter):
         def validation_step(self, batch, batch_idx):
