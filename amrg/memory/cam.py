@@ -156,7 +156,9 @@ def select_patches(
             f"cam.patch_size={patch_size} does not divide the CAM size {h}x{w} (the encoder input size)"
         )
     scores = F.avg_pool2d(cams[:, None], patch_size).flatten(1)  # [K, 1, G_h, G_w] -> [K, G]
-    # A stable sort keeps the order of tied patches the same whatever the batch size.
+    # Cells inside one upsampled token often tie up to float noise, and that noise differs between batch
+    # sizes; rounding to 1e-5 makes such ties exact, and the stable sort then orders them by cell index.
+    scores = torch.round(scores, decimals=5)
     ranked = torch.sort(scores, dim=1, descending=True, stable=True)
     top_scores = ranked.values[:, :top_k]  # [K, k']
     top_cells = ranked.indices[:, :top_k]  # [K, k']

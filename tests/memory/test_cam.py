@@ -117,6 +117,15 @@ def test_select_patches_respects_threshold_top_k_and_order():
         select_patches(cams, patch_size=5, threshold=0.75, top_k=3)
 
 
+def test_select_patches_orders_float_noise_ties_by_cell_index():
+    # Cells 6 and 1 tie up to float noise (as cells inside one upsampled token do): cell order decides.
+    means = torch.zeros(1, 16)
+    means[0, 6], means[0, 1] = 0.9 + 3e-7, 0.9
+    cams = means.reshape(1, 1, 4, 4).repeat_interleave(4, 2).repeat_interleave(4, 3).squeeze(1)
+    _, cell, score = select_patches(cams, patch_size=4, threshold=0.5, top_k=2)
+    assert cell.tolist() == [1, 6] and score.tolist() == [score[0].item()] * 2
+
+
 def test_crop_patches_cuts_the_right_cell_and_resizes():
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
     item, cell = torch.tensor([1, 0]), torch.tensor([3, 1])  # 2x2 grid of 4 px cells
