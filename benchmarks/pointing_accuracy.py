@@ -32,12 +32,12 @@ this tiny from-scratch Swin: its post-LayerNorm features are dense and signed, t
 gradient weights then follow bright anatomy (abdomen, shoulders) rather than the sign. LayerCAM on the
 convolutional stem's last (GELU) activation weighs each location by its own gradient on local, non-negative
 features and is 4.4x random; it finds the large signs and misses the small ones (lesion, fracture,
-atelectasis), which the model itself detects poorly (val AUROC ~0.75-0.8) and predicts largely from co-
-occurring findings. More data at the same step budget does not help (2,500 studies x 12 epochs: AUROC 0.899,
-LayerCAM on the stem 0.262); training augmentation hurts (0.872, 0.185). Before the conv stem (patch stem,
-val AUROC 0.86) every method was at or below random (0.036-0.052 vs 0.071). The mining itself is sound: on a
-tiny model trained to find a bright square (tests/memory/test_cam.py) LayerCAM patches hit the square
-0.50-0.92 of the time against 0.17 at random.
+atelectasis), which the model itself detects poorly (val AUROC ~0.75-0.8) and predicts largely from
+co-occurring findings. More data at the same step budget does not help (2,500 studies x 12 epochs: AUROC
+0.899, LayerCAM on the stem 0.262); training augmentation hurts (0.872, 0.185). Before the conv stem (patch
+stem, val AUROC 0.86) every method was at or below random (0.036-0.052 vs 0.071). The mining itself is
+sound: on a tiny model trained to find a bright square (tests/memory/test_cam.py) LayerCAM patches hit the
+square 0.50-0.92 of the time against 0.17 at random.
 """
 
 from __future__ import annotations
