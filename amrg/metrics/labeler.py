@@ -94,6 +94,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from amrg._state import load_state_strict
 from amrg.labels import LABELS, NUM_LABELS
 
 __all__ = [
@@ -989,30 +990,6 @@ def load_chexbert_state_dict(path: str | Path) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def _load_strict(net: nn.Module, state: dict[str, Tensor], source: Path) -> None:
-    own = net.state_dict()
-    state = {k: v for k, v in state.items() if k in own or k not in _OPTIONAL_KEYS}
-    missing = sorted(k for k in own if k not in state and k not in _OPTIONAL_KEYS)
-    unexpected = sorted(k for k in state if k not in own)
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    )
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if shapes:
-            parts.append(f"mis-shaped keys {shapes}")
-        raise ValueError(
-            f"CheXbert checkpoint {source} does not fit the model (check config=): " + "; ".join(parts)
-        )
-    net.load_state_dict(state, strict=False)  # key sets checked above; only optional buffers may differ
-
-
 def _wordpiece_from_vocab(cls: Any, path: Path) -> Any:
     """A lower-casing WordPiece tokenizer from a ``vocab.txt`` (one token per line, id = line number)."""
     if "vocab" in inspect.signature(cls.__init__).parameters:
@@ -1080,7 +1057,12 @@ class CheXbertLabeler:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.net = CheXbertNet(BertModel(bert_config, add_pooling_layer=True))
-        _load_strict(self.net, load_chexbert_state_dict(checkpoint), Path(checkpoint))
+        load_state_strict(
+            self.net,
+            load_chexbert_state_dict(checkpoint),
+            f"CheXbert checkpoint {Path(checkpoint)} does not fit the model (check config=)",
+            optional=_OPTIONAL_KEYS,
+        )
         self.net.eval().to(self.device)
         log.info(
             "CheXbertLabeler: loaded %s (%d parameters) on %s",

@@ -22,6 +22,8 @@ import torch
 from timm.layers import PatchEmbed
 from torch import Tensor, nn
 
+from amrg._state import load_state_strict
+
 __all__ = ["ConvPatchEmbed", "VisionEncoder", "load_state_file"]
 
 _logger = logging.getLogger(__name__)
@@ -208,7 +210,8 @@ class VisionEncoder(nn.Module):
             ValueError: names every missing, unexpected and mis-shaped key.
         """
         state = self._filter_checkpoint(load_state_file(path))
-        _load_strict(self.backbone, state, source=str(path))
+        what = f"cannot load {str(path)!r} into {type(self.backbone).__name__}"
+        load_state_strict(self.backbone, state, what)
         _logger.info("loaded %d backbone tensors from %s", len(state), path)
 
     def _filter_checkpoint(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -375,25 +378,3 @@ class VisionEncoder(nn.Module):
             [K, C, h, w].
         """
         return activations.permute(0, 3, 1, 2)  # [K, h, w, C] -> [K, C, h, w]
-
-
-def _load_strict(module: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    """Load ``state`` into ``module`` after checking key sets and shapes; raise naming every problem."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected}")
-        if mismatched:
-            problems.append(f"mis-shaped keys {mismatched}")
-        raise ValueError(f"cannot load {source!r} into {type(module).__name__}: " + "; ".join(problems))
-    module.load_state_dict(dict(state), strict=True)

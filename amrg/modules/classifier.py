@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MultilabelAUROC, MultilabelF1Score
 
+from amrg._state import state_dict_mismatch
 from amrg.data.batch import Batch
 from amrg.labels import LABELS, NUM_LABELS
 from amrg.models.classifier import DiseaseClassifier
@@ -406,18 +407,11 @@ def load_classifier(
             )
         net = _instantiate_net(_clear_weight_sources(config), source=str(path))
     net_state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
-    own = net.state_dict()
-    missing = sorted(set(own) - set(net_state))
-    unexpected = sorted(set(net_state) - set(own))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(net_state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(net_state)
-        if net_state[k].shape != own[k].shape
-    )
-    if missing or unexpected or mismatched:
+    bad = state_dict_mismatch(net, net_state)
+    if bad:
         raise ValueError(
-            f"{path}: weights do not fit {type(net).__name__}: missing {missing}, unexpected {unexpected}, "
-            f"mis-shaped {mismatched}"
+            f"{path}: weights do not fit {type(net).__name__}: missing {bad.missing}, "
+            f"unexpected {bad.unexpected}, mis-shaped {bad.mismatched}"
         )
     net.load_state_dict(net_state, strict=True)
     return net.eval()
