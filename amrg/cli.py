@@ -149,39 +149,104 @@ def _usage() -> str:
 
 
 def _dashes_to_underscores(args: Sequence[str]) -> list[str]:
-    # jsonargparse names options after the Python parameters (--image_size); accept --image-size too.
+    # jsonargparse names options after the Python parameters (--image_size); accept --image-size too,
+    # and -c for --config as in the LightningCLI commands.
     out = []
     for a in args:
-        if a.startswith("--") and len(a) > 2:
+        if a == "-c":
+            a = "--config"
+        elif a.startswith("--") and len(a) > 2:
             key, sep, value = a[2:].partition("=")
             a = "--" + key.replace("-", "_") + sep + value
         out.append(a)
     return out
 
 
+def _run_path(sub: str, *, _parent_) -> str:
+    """OmegaConf resolver ``${run_path:stage1/checkpoints}``: ``sub`` under the config's ``run_root``."""
+    node = _parent_
+    while node is not None:
+        if hasattr(node, "keys") and "run_root" in node.keys():
+            root = str(node["run_root"]).rstrip("/")
+            return root if sub in ("", ".") else f"{root}/{sub}"
+        node = node._get_parent()
+    raise ValueError(f"${{run_path:{sub}}} needs a run_root option in the config")
+
+
 def _parsing_settings() -> None:
+    import omegaconf
     from jsonargparse import set_parsing_settings
+    from omegaconf import OmegaConf
 
     # help text for dataclass fields comes from their attribute docstrings
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    if not OmegaConf.has_resolver("run_path"):
+        # OmegaConf 2.4 renamed register_new_resolver (now deprecated) to register_resolver, whose 2.3
+        # namesake is the legacy API without _parent_.
+        major_minor = tuple(int(x) for x in omegaconf.__version__.split(".")[:2])
+        register = OmegaConf.register_resolver if major_minor >= (2, 4) else OmegaConf.register_new_resolver
+        register("run_path", _run_path)
 
 
-def lightning_cli(args: list[str], run: bool = True):
+def _cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    class AmrgCLI(LightningCLI):
+        """LightningCLI whose ``--ckpt_path`` never changes the run's config.
+
+        Lightning re-parses the model config from a checkpoint's hyper-parameters, so a checkpoint of
+        another class silently switched the run to that class, and any class path stored in it was
+        imported. Here the checkpoint is only checked: written by the recipe's own module class, and every
+        stored class path inside amrg's allow-list. The recipe stays the user's; the checkpoint brings
+        weights and training state.
+        """
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument(
+                "--run_root",
+                type=str,
+                default="runs",
+                help="Folder of the whole pipeline run: recipes name every output and every earlier stage's "
+                "file under it as ${run_path:stage1/checkpoints}, ..., so this one option moves them all.",
+            )
+
+        def _parse_ckpt_path(self) -> None:
+            if not self.config.get("subcommand"):
+                return
+            config = self.config[self.config.subcommand]
+            ckpt_path = config.get("ckpt_path")
+            if not ckpt_path or not Path(ckpt_path).is_file():
+                return
+            from amrg.checkpoints.safety import check_class_paths, check_written_by
+            from amrg.checkpoints.stage1 import read_checkpoint
+
+            source = f"--ckpt_path '{ckpt_path}'"
+            ckpt = read_checkpoint(ckpt_path, "checkpoint")
+            check_class_paths(ckpt.get("hyper_parameters") or {}, source)
+            model = config.get("model")
+            expected = model.get("class_path") if hasattr(model, "get") else None
+            if expected:
+                check_written_by(ckpt, str(expected), source)
+
+    return AmrgCLI
+
+
+def lightning_cli(args: list[str] | None, run: bool = True):
     """Build amrg's LightningCLI (subclass mode for model and data) over ``args``.
 
     With ``run=False`` the args hold no subcommand and the CLI only instantiates the model, the
     data and the trainer (used by tests and notebooks to build a recipe).
     """
-    from lightning.pytorch.cli import LightningCLI
-
     _parsing_settings()
-    return LightningCLI(
+    return _cli_class()(
         model_class=None,
         datamodule_class=None,
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        # ${run_path:...} in a recipe is resolved after every config file and override is merged
+        parser_kwargs={"parser_mode": "omegaconf+"},
         args=args,
         run=run,
     )
@@ -189,20 +254,28 @@ def lightning_cli(args: list[str], run: bool = True):
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``amrg`` console script."""
+    given = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return
     command = argv[0]
     if command in LIGHTNING_COMMANDS:
-        lightning_cli(argv)
+        # From the console LightningCLI reads sys.argv itself (given both, it warns on every run).
+        lightning_cli(argv if given else None)
         return
     target = _group(command)
     if target is not None:
         from jsonargparse import CLI
 
         _parsing_settings()
-        CLI(target, args=_dashes_to_underscores(argv[1:]), prog=f"amrg {command}", as_positional=True)
+        CLI(
+            target,
+            args=_dashes_to_underscores(argv[1:]),
+            prog=f"amrg {command}",
+            as_positional=True,
+            parser_mode="omegaconf+",
+        )
         return
     print(f"amrg: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
     sys.exit(2)

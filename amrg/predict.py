@@ -172,12 +172,15 @@ def predict_images(
     num_beams: int | None = None,
     min_new_tokens: int | None = None,
     max_new_tokens: int | None = None,
+    llm_path: Path | None = None,
+    trust_remote_code: bool = False,
     progress: bool = True,
 ) -> Path:
     """Write one JSONL line per study with its report, label probabilities and recalled memory items.
 
-    The image size and everything else come from the stage-2 checkpoint (which still needs the stage-1
-    checkpoint and, for a frozen LLM, the LLM folder it names).
+    The image size and everything else come from the stage-2 checkpoint alone: it holds the stage-1
+    network, the memories and the tokenizer. Only a base LLM loaded from a folder at training time is
+    read from outside (its folder, or ``llm_path``; the same model, checked by hash).
 
     Args:
         checkpoint: a stage-2 ``.ckpt`` written by :class:`~amrg.modules.reporter.ReporterModule`.
@@ -191,6 +194,8 @@ def predict_images(
         num_beams: override of the checkpoint's beam width.
         min_new_tokens: override of the checkpoint's minimum report length in tokens.
         max_new_tokens: override of the checkpoint's maximum report length in tokens.
+        llm_path: the base LLM's folder on this machine, when it is not where it was at training time.
+        trust_remote_code: allow model code shipped in the LLM folder (never taken from the checkpoint).
         progress: show a progress bar.
 
     Returns:
@@ -200,7 +205,7 @@ def predict_images(
         FileNotFoundError: the checkpoint does not exist.
         PredictInputError: a missing, non-image or unreadable input (all listed in one message).
     """
-    from amrg.modules.reporter import ReporterModule  # heavy (Lightning, transformers): import on use
+    from amrg.checkpoints.stage2 import load_stage2  # heavy (transformers): import on use
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
@@ -215,11 +220,8 @@ def predict_images(
             f"{top_k_explanations}"
         )
     studies = collect_studies(inputs, group_views=group_views)
-    module = ReporterModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     target = torch.device(device)
-    module = module.to(target).eval()
-    net = module.net
-    assert net is not None
+    net = load_stage2(checkpoint, llm_path=llm_path, trust_remote_code=trust_remote_code).to(target).eval()
     decoding = {"num_beams": num_beams, "min_new_tokens": min_new_tokens, "max_new_tokens": max_new_tokens}
     _logger.info("predicting %d studies from %s on %s", len(studies), checkpoint, target)
 

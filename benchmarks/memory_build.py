@@ -96,7 +96,7 @@ def main() -> None:
     pairs = sum(int((b.labels == 1).sum(1).mul(b.view_mask.sum(1)).sum()) for b in batches)
 
     if args.checkpoint is not None:
-        from amrg.memory.build import load_stage1
+        from amrg.checkpoints.stage1 import load_stage1
 
         net, source = load_stage1(args.checkpoint), str(args.checkpoint)
     else:

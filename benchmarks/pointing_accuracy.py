@@ -18,20 +18,25 @@ the config's synthetic set. Prints the model's validation AUROC, a table per (CA
 per-label hit rates.
 
 Measured on the 2-core CPU dev box (2 threads), configs/demo/stage1.yaml as committed (conv stem, 28
-epochs, val mean AUROC 0.917), 789 train studies with images, 8 px patches, threshold 0.75, top-k 6
-(pointing accuracy vs random; ``--patch-sizes 8``):
+epochs, seed 0, val mean AUROC 0.904), 800 train studies, 8 px patches, threshold 0.75, top-k 6 (pointing
+accuracy vs random; ``--patch-sizes 8``):
 
-    gradcam   on final_norm  0.018 vs 0.071   (the paper's setting)
-    layercam  on final_norm  0.027 vs 0.075
-    gradcam   on stem        0.030 vs 0.071
-    layercam  on stem        0.319 vs 0.073   (configs/demo/memory.yaml; per label 0.05 Lung Lesion ..
-                                               0.80 Pneumothorax, 0.86 Enlarged Cardiomediastinum)
+    gradcam   on final_norm  0.025 vs 0.074   (the paper's setting)
+    layercam  on final_norm  0.026 vs 0.068
+    gradcam   on stem        0.024 vs 0.073
+    layercam  on stem        0.246 vs 0.075   (configs/demo/memory.yaml; per label 0.00 Atelectasis and
+                                               Fracture, 0.02 Lung Lesion .. 0.64 Enlarged Cardiomediastinum,
+                                               0.89 Pneumothorax)
+
+An earlier model of the same recipe (before the Q-Former's projection was built after the encoder, which
+changed the random draws; val AUROC 0.917) gave 0.018 / 0.027 / 0.030 / 0.319: the ranking holds, the
+level moves with the seed.
 
 So the issue's target of 0.6 is not met. The paper's Grad-CAM on the final norm points *below* random on
 this tiny from-scratch Swin: its post-LayerNorm features are dense and signed, the spatially averaged
 gradient weights then follow bright anatomy (abdomen, shoulders) rather than the sign. LayerCAM on the
 convolutional stem's last (GELU) activation weighs each location by its own gradient on local, non-negative
-features and is 4.4x random; it finds the large signs and misses the small ones (lesion, fracture,
+features and is 3-4x random; it finds the large signs and misses the small ones (lesion, fracture,
 atelectasis), which the model itself detects poorly (val AUROC ~0.75-0.8) and predicts largely from
 co-occurring findings. More data at the same step budget does not help (2,500 studies x 12 epochs: AUROC
 0.899, LayerCAM on the stem 0.262); training augmentation hurts (0.872, 0.185). Before the conv stem (patch
@@ -53,18 +58,18 @@ from pathlib import Path
 import torch
 import yaml
 
+from amrg.checkpoints.stage1 import load_stage1
 from amrg.labels import LABELS
-from amrg.memory.build import load_stage1
 from amrg.memory.cam import CAMConfig, mine_visual_memory, pointing_accuracy
 
 
 def _datamodule(config: Path):
-    """The data block of a stage-1 config, instantiated as the CLI would."""
+    """The data block of a stage-1 recipe (its folder's data.yaml), instantiated as the CLI would."""
     from jsonargparse import ArgumentParser
 
     from amrg.data.datamodules import ReportDataModule
 
-    block = yaml.safe_load(config.read_text())["data"]
+    block = yaml.safe_load((config.parent / "data.yaml").read_text())["data"]
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(ReportDataModule, "data")
     return parser.instantiate(parser.parse_object({"data": block})).data
@@ -106,7 +111,8 @@ def main() -> None:
     if not args.checkpoint.is_file():
         print(f"# {args.checkpoint} not found: training it with amrg fit -c {args.config}", flush=True)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "amrg.cli", "fit", "-c", str(args.config)], check=True)
+        recipe = ["-c", str(args.config.parent / "data.yaml"), "-c", str(args.config)]
+        subprocess.run([sys.executable, "-m", "amrg.cli", "fit", *recipe], check=True)
         print(f"# trained in {time.perf_counter() - t0:.0f} s", flush=True)
     from amrg.data.dataset import collate_studies
 

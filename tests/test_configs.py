@@ -1,59 +1,148 @@
-"""Every recipe under configs/ parses; stage-1 recipes build their model (paper size on meta)."""
+"""Every recipe under configs/ parses composed with its dataset's data.yaml; stage-1 recipes build their model
+(paper size on meta)."""
 
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from amrg import cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "trainer")
+DATASETS = ("demo", "iu_xray", "mimic_cxr", "chexpert_plus")
+STAGES = ("stage1", "memory", "stage2")
+# data.yaml is not a recipe: it is composed with (and so parsed by) every recipe of its folder
+RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "trainer" and p.name != "data.yaml")
 OVERLAYS = sorted((CONFIGS / "trainer").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch) -> None:
+    # the recipes come from the args given here, not from pytest's own command line
+    monkeypatch.setattr("sys.argv", ["amrg"])
 
 
 def _id(p: Path) -> str:
     return str(p.relative_to(CONFIGS))
 
 
-def test_every_dataset_has_the_three_recipes() -> None:
-    for folder in ("demo", "iu_xray", "mimic_cxr", "chexpert_plus"):
-        for stage in ("stage1", "memory", "stage2"):
+def _composed(recipe: Path) -> list[str]:
+    """``--config <folder>/data.yaml --config <recipe>``: how every recipe is run."""
+    return ["--config", str(recipe.parent / "data.yaml"), "--config", str(recipe)]
+
+
+def test_every_dataset_has_its_data_and_the_three_recipes() -> None:
+    for folder in DATASETS:
+        for stage in ("data", *STAGES):
             assert (CONFIGS / folder / f"{stage}.yaml").is_file(), f"configs/{folder}/{stage}.yaml"
+    assert {p.parent.name for p in RECIPES} == set(DATASETS)
+    assert len(RECIPES) == len(DATASETS) * len(STAGES), [_id(p) for p in RECIPES]
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_the_data_block_lives_in_data_yaml_only(dataset: str) -> None:
+    data = yaml.safe_load((CONFIGS / dataset / "data.yaml").read_text())
+    assert set(data) == {"data"} and data["data"]["class_path"].startswith("amrg.data.")
+    for stage in STAGES:
+        recipe = yaml.safe_load((CONFIGS / dataset / f"{stage}.yaml").read_text())
+        block = recipe.get("data") or {}
+        assert "class_path" not in block, f"configs/{dataset}/{stage}.yaml holds a data block of its own"
+        # stage 2 may only change the batch sizes of the shared data
+        assert set(block.get("init_args") or {}) <= {"batch_size", "eval_batch_size"}, (dataset, stage)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=_id)
 def test_recipe_parses(path: Path, capsys) -> None:
     command = ["memory", "build"] if path.stem == "memory" else ["fit"]
     with pytest.raises(SystemExit) as info:
-        cli.main([*command, "--config", str(path), "--print_config"])
-    assert info.value.code == 0, capsys.readouterr().err
-    assert "class_path" in capsys.readouterr().out
+        cli.main([*command, *_composed(path), "--print_config"])
+    captured = capsys.readouterr()
+    assert info.value.code == 0, captured.err
+    printed = yaml.safe_load(captured.out)
+    data = yaml.safe_load((path.parent / "data.yaml").read_text())["data"]
+    assert printed["data"]["class_path"] == data["class_path"]  # the data block came from data.yaml
+    for key, value in data["init_args"].items():
+        if key not in (yaml.safe_load(path.read_text()).get("data") or {}).get("init_args", {}):
+            assert printed["data"]["init_args"][key] == value, key
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.stem == "stage2"], ids=_id)
+def test_stage2_overrides_only_the_batch_sizes(path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["fit", *_composed(path), "--print_config"])
+    captured = capsys.readouterr()
+    assert info.value.code == 0, captured.err
+    printed = yaml.safe_load(captured.out)["data"]["init_args"]
+    override = yaml.safe_load(path.read_text())["data"]["init_args"]
+    assert override and all(printed[key] == value for key, value in override.items())
+
+
+def _printed(command: list[str], args: list[str], capsys) -> dict:
+    """The config `amrg <command> <args> --print_config` prints (every file merged, paths resolved)."""
+    with pytest.raises(SystemExit) as info:
+        cli.main([*command, *args, "--print_config"])
+    captured = capsys.readouterr()
+    assert info.value.code == 0, captured.err
+    return yaml.safe_load(captured.out)
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_stage1_recipes_keep_best_and_the_last_epoch(dataset: str, capsys) -> None:
+    recipe = CONFIGS / dataset / "stage1.yaml"
+    printed = _printed(["fit"], [*_composed(recipe), "--run_root=/elsewhere/run"], capsys)
+    checkpoints = {c["init_args"]["filename"]: c["init_args"] for c in printed["trainer"]["callbacks"]
+                   if c["class_path"] == "lightning.pytorch.callbacks.ModelCheckpoint"}
+    assert set(checkpoints) == {"best", "last"}, checkpoints
+    best, last = checkpoints["best"], checkpoints["last"]
+    # both under the run's root (what --run_root moved), where memory build and stage 2 look
+    assert best["dirpath"] == last["dirpath"] == "/elsewhere/run/stage1/checkpoints"
+    assert best["monitor"] and best["enable_version_counter"] is False and not best.get("save_last")
+    assert last["monitor"] is None and last["save_top_k"] == 1 and last["enable_version_counter"] is False
+    assert not last.get("save_last")
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_the_stages_of_a_dataset_share_one_run_root(dataset: str, capsys) -> None:
+    folder = CONFIGS / dataset
+    roots = {stage: _printed(["memory", "build"] if stage == "memory" else ["fit"],
+                             _composed(folder / f"{stage}.yaml"), capsys)["run_root"] for stage in STAGES}
+    assert set(roots.values()) == {f"runs/{dataset}"}, roots
+    # memory build defaults its stage-1 checkpoint and out_dir under run_root (none given in the recipe)
+    memory = _printed(["memory", "build"], _composed(folder / "memory.yaml"), capsys)
+    assert memory["stage1_checkpoint"] is None and memory["out_dir"] is None
+    # stage 2 reads what stage 1 and memory build wrote under the same root, moved by --run_root
+    stage2 = _printed(["fit"], [*_composed(folder / "stage2.yaml"), "--run_root=/elsewhere/run"], capsys)
+    net = stage2["model"]["init_args"]["net"]["init_args"]
+    assert net["stage1_checkpoint"] == "/elsewhere/run/stage1/checkpoints/last.ckpt"
+    assert net["memory"] == "/elsewhere/run/memory"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=_id)
 def test_trainer_overlays_parse(overlay: Path, capsys) -> None:
     with pytest.raises(SystemExit) as info:
-        cli.main(["fit", "--config", str(CONFIGS / "demo" / "stage1.yaml"), "--config", str(overlay),
+        cli.main(["fit", *_composed(CONFIGS / "demo" / "stage1.yaml"), "--config", str(overlay),
                   "--print_config"])
     assert info.value.code == 0, capsys.readouterr().err
 
 
 def test_demo_stage1_builds() -> None:
-    built = cli.lightning_cli(["--config", str(CONFIGS / "demo" / "stage1.yaml"),
+    built = cli.lightning_cli([*_composed(CONFIGS / "demo" / "stage1.yaml"),
                                "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
     x = torch.zeros(2, 2, 3, 64, 64)
     assert built.model(x, torch.ones(2, 2, dtype=torch.bool)).shape == (2, 14)
+    assert built.datamodule.hparams.image_size == built.model.net.encoder.img_size == 64
 
 
 @pytest.mark.parametrize("dataset", ["iu_xray", "mimic_cxr", "chexpert_plus"])
 def test_paper_stage1_builds_on_meta(dataset: str) -> None:
     # Swin-B + BERT-base Q-Former at paper size: built on the meta device (no memory, no weights).
     with torch.device("meta"):
-        built = cli.lightning_cli(["--config", str(CONFIGS / dataset / "stage1.yaml"),
+        built = cli.lightning_cli([*_composed(CONFIGS / dataset / "stage1.yaml"),
                                    "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
                                    "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
     net = built.model.net
     assert net.qformer.hidden_size == 768 and net.qformer.num_layers == 12
     n_params = sum(p.numel() for p in net.parameters())
     assert n_params > 150e6, n_params  # Swin-B (~87M) + BERT-base-sized Q-Former (~100M)
+    assert built.datamodule.hparams.image_size == net.encoder.img_size

@@ -9,20 +9,16 @@ import pytest
 
 from amrg.labels import LABELS
 from amrg.predict import PredictInputError, collect_studies, predict_images
+from tests.checkpoints.test_stage2 import build, save, stage2_files
 from tests.conftest import write_image
-from tests.models.test_reporter import IMAGE_SIZE, train_reports, write_banks, write_stage1_checkpoint
-from tests.modules.test_reporter_module import module, save
+from tests.models.test_reporter import IMAGE_SIZE
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A stage-2 checkpoint of a tiny model (untrained beyond its random weights)."""
     root = tmp_path_factory.mktemp("predict_ckpt")
-    visual, report = write_banks(root)
-    files = {"stage1": write_stage1_checkpoint(root / "stage1.ckpt"), "visual": visual, "report": report}
-    model = module(files, root, explain_top_k=3)
-    model.build(train_reports=train_reports())
-    return save(model, root / "stage2.ckpt")
+    return save(build(stage2_files(root)), root / "stage2.ckpt", explain_top_k=3)
 
 
 @pytest.fixture

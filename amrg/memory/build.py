@@ -2,37 +2,34 @@
 
 The CLI dispatches :func:`memory_build` with jsonargparse, so its parameters are the keys of
 ``configs/<dataset>/memory.yaml``. It reads the stage-1 checkpoint (rebuilt with
-:func:`amrg.modules.classifier.load_classifier`, ``weights_only=True``) and hands the network to the
-memory builders, which take plain ``nn.Module``\\ s.
+:func:`amrg.checkpoints.stage1.load_stage1`, ``weights_only=True``), hands the network to the memory
+builders, which take plain ``nn.Module``\\ s, samples each memory once (the paper's label-proportional
+sampling happens here and nowhere else) and writes one memory folder with a manifest
+(:mod:`amrg.checkpoints.memory`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader
 
+from amrg.checkpoints.memory import MANIFEST, load_memory_folder, write_memory_folder
+from amrg.checkpoints.stage1 import file_sha256, load_stage1
 from amrg.data.datamodules import ReportDataModule
 from amrg.labels import LABELS
 from amrg.memory.bank import MemoryBank, check_no_leakage
 from amrg.memory.cam import CAMConfig, mine_visual_memory
 from amrg.memory.reports import ReportEncoder, ReportEncoderConfig, build_report_memory, resolve_model_dir
 
-if TYPE_CHECKING:  # pragma: no cover
-    from amrg.models.classifier import DiseaseClassifier
-
-__all__ = ["SamplingConfig", "count_table", "load_stage1", "memory_build"]
+__all__ = ["SamplingConfig", "count_table", "memory_build"]
 
 _logger = logging.getLogger(__name__)
-
-VISUAL_STEM = "visual_memory"
-REPORT_STEM = "report_memory"
 
 
 @dataclass(frozen=True)
@@ -89,14 +86,6 @@ def count_table(before: dict[str, dict[str, int]], after: dict[str, dict[str, in
     return "\n".join(lines)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -133,31 +122,11 @@ def _original_size(root: Path, paths: dict[str, tuple[str, ...]]) -> Callable[[s
     return size
 
 
-def load_stage1(path: Path | str) -> DiseaseClassifier:
-    """The stage-1 network from its checkpoint (``weights_only=True``), on the CPU, in eval mode.
-
-    Args:
-        path: a checkpoint written by ``amrg fit`` with a ClassifierModule.
-
-    Returns:
-        The trained :class:`~amrg.models.classifier.DiseaseClassifier`.
-    """
-    import pathlib
-
-    from amrg.modules.classifier import load_classifier
-
-    # Lightning also stores the datamodule's hyperparameters in the checkpoint, and ours hold paths
-    # (annotation, root): allow pathlib's plain path classes, nothing else, in the weights-only unpickler.
-    with torch.serialization.safe_globals(
-        [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
-    ):
-        return load_classifier(path, map_location="cpu")
-
-
 def memory_build(
     *,
     data: ReportDataModule,
-    out_dir: Path,
+    run_root: Path = Path("runs"),
+    out_dir: Path | None = None,
     stage1_checkpoint: Path | None = None,
     # Frozen dataclasses, so a shared default instance is safe; jsonargparse lists their fields in --help.
     cam: CAMConfig = CAMConfig(),  # noqa: B008
@@ -167,20 +136,25 @@ def memory_build(
     device: str = "auto",
     progress: bool = True,
 ) -> str:
-    """Build the visual and report memories from the train split and save them next to each other.
+    """Build the visual and report memories from the train split into one memory folder.
 
     Writes ``out_dir/visual_memory.{safetensors,json}`` (Grad-CAM ROI patches through the stage-1
-    encoder and its trained projection, width D) and ``out_dir/report_memory.{safetensors,json}``
-    (train reports through the text encoder, width D_t). Both are sampled once with ``sampling.seed``,
-    checked against the data's val/test ids and read back with the same checks stage 2 applies.
+    encoder and its trained projection, width D), ``out_dir/report_memory.{safetensors,json}``
+    (train reports through the text encoder, width D_t) and ``out_dir/manifest.json`` (each file's
+    sha256, the stage-1 checkpoint's sha256, the data, split and sampling seed). Both memories are
+    sampled once with ``sampling.seed`` and checked against the data's val/test ids; the folder is
+    written under a temporary name and renamed, then read back with the checks stage 2 applies.
 
     Args:
         data: the dataset (``class_path`` + ``init_args``, as in the stage-1 config); its
             ``prepare_data``/``setup("fit")`` are called here; only the train split is mined, and the
             val/test ids are the ids the memories must not hold. Views are read without augmentation.
-        out_dir: folder the two banks are written to (created).
+        run_root: folder of the whole pipeline run (as ``--run_root`` of ``amrg fit``); the two paths
+            below default under it.
+        out_dir: the memory folder (default ``<run_root>/memory``; replaced whole when it is one already,
+            any other existing folder is refused). Stage 2 names it as ``net.init_args.memory``.
         stage1_checkpoint: the stage-1 Lightning checkpoint (``amrg fit`` with a ClassifierModule);
-            needed for the visual memory.
+            needed for the visual memory (default ``<run_root>/stage1/checkpoints/last.ckpt``).
         cam: Grad-CAM mining options (patch size, threshold, top-k, batch size, CAM method).
         report: the report text encoder (local folder or installed package name, pooling, max length,
             batch size); ``report.path`` is required for the report memory.
@@ -200,13 +174,16 @@ def memory_build(
         raise ValueError(f"memories must be 'both', 'visual' or 'report', got {memories!r}")
     build_visual = memories in ("both", "visual")
     build_report = memories in ("both", "report")
+    run_root = Path(run_root)
+    out_dir = Path(out_dir) if out_dir is not None else run_root / "memory"
+    if stage1_checkpoint is None and build_visual:
+        stage1_checkpoint = run_root / "stage1" / "checkpoints" / "last.ckpt"
 
     # Check everything that can be checked before the slow parts, then fail once naming it all.
     missing, problems = [], []
     if build_visual:
-        if stage1_checkpoint is None:
-            problems.append("stage1_checkpoint is not set (needed for the visual memory)")
-        elif not Path(stage1_checkpoint).is_file():
+        assert stage1_checkpoint is not None  # defaulted above
+        if not Path(stage1_checkpoint).is_file():
             missing.append(
                 f"stage1_checkpoint {str(stage1_checkpoint)!r} not found (train stage 1 first: amrg fit)"
             )
@@ -226,6 +203,13 @@ def memory_build(
         torch_device = _device(device)
     except ValueError as err:
         problems.append(str(err))
+    if out_dir.exists() and (
+        not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file())
+    ):
+        problems.append(
+            f"out_dir '{out_dir}' exists and is not a memory folder (no {MANIFEST}): memory build never overwrites "
+            "files it did not write; choose another out_dir"
+        )
     if missing:
         raise FileNotFoundError("memory build: " + "; ".join(missing + problems))
     if problems:
@@ -239,10 +223,10 @@ def memory_build(
     train = annotation["train"]
     forbidden = annotation.ids(("val", "test"))
     train_ds = data.datasets["train"]
-    out_dir = Path(out_dir)
     common = {
         "seed": sampling.seed,
         "sampling": asdict(sampling),
+        "split": "train",
         "annotation": str(data.annotation_path),
         "data": {
             "class_path": f"{type(data).__module__}.{type(data).__qualname__}",
@@ -250,6 +234,7 @@ def memory_build(
         },
         "train_studies": len(train),
     }
+    stage1_info: dict[str, Any] = {}
     _logger.info(
         "memory build: %d train studies from %s (%d val/test ids forbidden), device %s",
         len(train),
@@ -260,12 +245,13 @@ def memory_build(
 
     before: dict[str, dict[str, int]] = {}
     after: dict[str, dict[str, int]] = {}
-    written: list[tuple[Path, str, int]] = []
+    banks: dict[str, MemoryBank] = {}
 
     if build_visual:
         from amrg.data.dataset import ReportDataset, collate_studies
 
         ckpt = Path(stage1_checkpoint)
+        stage1_info = {"stage1_checkpoint": str(ckpt.resolve()), "stage1_checkpoint_sha256": file_sha256(ckpt)}
         net = load_stage1(ckpt).to(torch_device)
         positive = [s for s in train if s.labels is not None and any(v == 1 for v in s.labels)]
         dataset = ReportDataset(
@@ -300,20 +286,15 @@ def memory_build(
             original_size=_original_size(train_ds.image_root, {s.id: s.image_paths for s in positive}),
             total=len(positive),
             progress=progress,
-            metadata={
-                **common,
-                "stage1_checkpoint": str(ckpt),
-                "stage1_checkpoint_sha256": _sha256(ckpt),
-            },
+            metadata={**common, **stage1_info},
         )
         before["visual"] = visual.counts()
         visual = visual.sample(
             total=sampling.visual_total, per_label_max=sampling.visual_per_label_max, seed=sampling.seed
         )
         after["visual"] = visual.counts()
-        check_no_leakage(visual, forbidden, source=str(out_dir / VISUAL_STEM))
-        visual.save(out_dir / VISUAL_STEM)
-        written.append((out_dir / VISUAL_STEM, "visual", visual.dim))
+        check_no_leakage(visual, forbidden, source=f"{out_dir} (visual memory)")
+        banks["visual"] = visual
         del net
 
     if build_report:
@@ -335,15 +316,18 @@ def memory_build(
         )
         before["report"] = bank.metadata["grouped"]
         after["report"] = bank.counts()
-        check_no_leakage(bank, forbidden, source=str(out_dir / REPORT_STEM))
-        bank.save(out_dir / REPORT_STEM)
-        written.append((out_dir / REPORT_STEM, "report", bank.dim))
+        check_no_leakage(bank, forbidden, source=f"{out_dir} (report memory)")
+        banks["report"] = bank
 
-    # Read each bank back with the checks its consumer applies (dims, labels, NaN, leakage).
-    for stem, kind, dim in written:
-        MemoryBank.load(stem, expected_dim=dim, expected_kind=kind, forbidden_ids=forbidden)
-    table = count_table(before, after)
-    _logger.info(
-        "memory build: wrote %s\n%s", ", ".join(f"{s}.(safetensors|json)" for s, _, _ in written), table
+    write_memory_folder(out_dir, banks, {**common, **stage1_info})
+    # Read the folder back with the checks its consumer applies (hashes, dims, labels, NaN, leakage).
+    load_memory_folder(
+        out_dir,
+        stage1_sha256=stage1_info.get("stage1_checkpoint_sha256"),
+        forbidden_ids=forbidden,
+        visual_dim=banks["visual"].dim if "visual" in banks else None,
+        kinds=list(banks),  # type: ignore[arg-type]
     )
-    return table
+    table = count_table(before, after)
+    _logger.info("memory build: wrote the memory folder %s\n%s", out_dir, table)
+    return f"{table}\nmemory folder: {out_dir}"

@@ -83,16 +83,12 @@ class DiseaseClassifier(nn.Module):
 
         Args:
             encoder: turns views into patch tokens [B, N, C].
-            qformer: turns patch tokens into disease tokens [B, Q, D]; its ``vision_width`` must equal
-                the encoder's ``num_features``.
+            qformer: turns patch tokens into disease tokens [B, Q, D]; its ``vision_width`` is set to the
+                encoder's ``num_features`` when None, and must equal it otherwise.
             head: per-query linear head; None builds ``DiseaseHead(qformer.hidden_size, qformer.num_queries)``.
         """
         super().__init__()
-        if qformer.vision_width != encoder.num_features:
-            raise ValueError(
-                f"qformer.vision_width={qformer.vision_width} does not match the encoder's num_features="
-                f"{encoder.num_features} ({encoder.model_name}); set qformer init_args.vision_width"
-            )
+        qformer.set_vision_width(encoder.num_features)  # builds the projection, or checks a given width
         if head is None:
             head = DiseaseHead(hidden_size=qformer.hidden_size, num_queries=qformer.num_queries)
         if (head.hidden_size, head.num_queries) != (qformer.hidden_size, qformer.num_queries):

@@ -51,7 +51,7 @@ class DiseaseQFormer(nn.Module):
 
     def __init__(
         self,
-        vision_width: int,
+        vision_width: int | None = None,
         num_queries: int = 14,
         hidden_size: int = 768,
         num_layers: int = 12,
@@ -65,7 +65,9 @@ class DiseaseQFormer(nn.Module):
         """Build the Q-Former with random weights (BERT-style init), then optionally load BERT weights.
 
         Args:
-            vision_width: C, the width of the incoming patch tokens (``VisionEncoder.num_features``).
+            vision_width: C, the width of the incoming patch tokens (``VisionEncoder.num_features``);
+                None (the recipes' choice) takes it from the encoder when :class:`DiseaseClassifier`
+                assembles the two (:meth:`set_vision_width`).
             num_queries: Q, one learnable query per label (14 CheXpert labels).
             hidden_size: D, the Q-Former width (768 for BERT-base).
             num_layers: transformer layers (12 for BERT-base).
@@ -90,9 +92,9 @@ class DiseaseQFormer(nn.Module):
         self.vision_width = vision_width
         self.num_queries = num_queries
         self.hidden_size = hidden_size
-        self.visual_proj = nn.Sequential(
-            OrderedDict(fc=nn.Linear(vision_width, hidden_size), norm=nn.LayerNorm(hidden_size))
-        )
+        # fc: Linear C->D, built here when C is known, else by set_vision_width (an Identity until then)
+        fc = nn.Linear(vision_width, hidden_size) if vision_width is not None else nn.Identity()
+        self.visual_proj = nn.Sequential(OrderedDict(fc=fc, norm=nn.LayerNorm(hidden_size)))
         self.queries = nn.Parameter(torch.zeros(1, num_queries, hidden_size))
         config = Blip2QFormerConfig(
             hidden_size=hidden_size,
@@ -119,9 +121,32 @@ class DiseaseQFormer(nn.Module):
         """
         std = self.qformer.config.initializer_range
         nn.init.normal_(self.queries, mean=0.0, std=std)
-        nn.init.normal_(self.visual_proj.fc.weight, mean=0.0, std=std)
-        nn.init.zeros_(self.visual_proj.fc.bias)
+        self._reset_visual_fc()
         self.visual_proj.norm.reset_parameters()
+
+    def _reset_visual_fc(self) -> None:
+        fc = self.visual_proj.fc
+        if isinstance(fc, nn.Linear):
+            nn.init.normal_(fc.weight, mean=0.0, std=self.qformer.config.initializer_range)
+            nn.init.zeros_(fc.bias)
+
+    def set_vision_width(self, vision_width: int) -> None:
+        """Build the visual projection for patch tokens of width C, for a Q-Former made with
+        ``vision_width=None``; a Q-Former that already has this width is left as it is.
+
+        Raises:
+            ValueError: the Q-Former was built for another width.
+        """
+        if self.vision_width == vision_width:
+            return
+        if self.vision_width is not None:
+            raise ValueError(
+                f"qformer.vision_width={self.vision_width} does not match the encoder's num_features="
+                f"{vision_width}; leave qformer init_args.vision_width unset (null) to follow the encoder"
+            )
+        self.vision_width = vision_width
+        self.visual_proj.fc = nn.Linear(vision_width, self.hidden_size)
+        self._reset_visual_fc()
 
     @property
     def num_layers(self) -> int:
@@ -136,6 +161,11 @@ class DiseaseQFormer(nn.Module):
         Returns:
             Projected tokens, [B, N, D].
         """
+        if self.vision_width is None:
+            raise ValueError(
+                "this DiseaseQFormer was built with vision_width=None and no encoder has set it yet: "
+                "assemble it in a DiseaseClassifier, or call set_vision_width(C) first"
+            )
         return self.visual_proj(tokens)
 
     def forward(self, visual_tokens: Tensor, token_mask: Tensor | None = None) -> Tensor:

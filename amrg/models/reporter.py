@@ -11,8 +11,9 @@ into the LLM width (a linear layer per source, then one LayerNorm, as R2GenGPT's
 ``layer_norm``; Wang et al., 2023, https://arxiv.org/abs/2309.09812) and feeds the result to a causal LM
 as a visual prefix inside the generation prompt. No code is copied from either reference.
 
-This module knows nothing of Lightning or files: :class:`amrg.modules.reporter.ReporterModule` loads
-the stage-1 checkpoint, the memory banks and the LLM and hands the parts to :class:`ReportGenerator`.
+This module knows nothing of Lightning or files: :func:`amrg.checkpoints.stage2.build_report_generator`
+loads the stage-1 checkpoint, the memory folder and the LLM and hands the parts to
+:class:`ReportGenerator`; :func:`amrg.checkpoints.stage2.load_stage2` rebuilds it from a checkpoint.
 
 Departure from the reference code: stage 2 keeps the stage-1 Swin (the released code swaps in a Mamba
 encoder that needs custom CUDA kernels), so one stage-1 checkpoint carries the whole visual side.
@@ -237,6 +238,9 @@ class ReportGenerator(nn.Module):
 
         self.visual_provenance: list[dict[str, Any]] = [dict(r) for r in visual_provenance]
         self.report_provenance: list[dict[str, Any]] = [dict(r) for r in report_provenance]
+        self.build_record: dict[str, Any] | None = None
+        """How the parts were assembled, as plain data (set by :mod:`amrg.checkpoints.stage2`); a stage-2
+        checkpoint stores it so the network can be rebuilt from the checkpoint alone."""
         self._apply_freezing()
 
     # ------------------------------------------------------------------ set-up

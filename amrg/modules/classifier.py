@@ -1,8 +1,8 @@
 """Stage-1 training: :class:`ClassifierModule` wraps a :class:`~amrg.models.classifier.DiseaseClassifier`.
 
 It holds the multi-label loss with explicit policies for uncertain and unmentioned labels, the AUROC/F1
-metrics, optimiser wiring and checkpoint hygiene. :func:`load_classifier` rebuilds the trained network from
-a checkpoint alone, which is how memory mining and stage 2 get the stage-1 model.
+metrics, optimiser wiring and checkpoint hygiene. :func:`amrg.checkpoints.stage1.load_stage1` rebuilds the
+trained network from a checkpoint alone, which is how memory mining and stage 2 get the stage-1 model.
 """
 
 from __future__ import annotations
@@ -22,14 +22,16 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MultilabelAUROC, MultilabelF1Score
 
-from amrg._state import state_dict_mismatch
+from amrg._plain import is_plain
+from amrg.checkpoints.safety import MODULE_KEY, check_written_by
+from amrg.checkpoints.stage1 import clear_weight_sources, load_stage1, read_checkpoint
 from amrg.data.batch import Batch
 from amrg.labels import LABELS, NUM_LABELS
 from amrg.models.classifier import DiseaseClassifier
-from amrg.modules._hparams import is_plain
+from amrg.modules._checks import check_image_size, lightning_load_options
 from amrg.modules._optim import configure_optimizer
 
-__all__ = ["ClassifierModule", "label_targets", "load_classifier"]
+__all__ = ["ClassifierModule", "label_targets"]
 
 _logger = logging.getLogger(__name__)
 
@@ -37,11 +39,6 @@ try:  # Lightning >= 2.3 sets this while LightningCLI instantiates the model (ch
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 except ImportError:  # pragma: no cover - older Lightning: treat every construction as plain Python
     _given_hyperparameters = None
-
-# Constructor arguments that fetch pretrained weights. A stage-1 checkpoint already holds every weight in
-# its state_dict, so the net config stored with it has these cleared: rebuilding never re-reads the
-# ImageNet/BERT files (which may be gone) nor touches the network (``pretrained: true``).
-_WEIGHT_SOURCES: dict[str, Any] = {"checkpoint_path": None, "pretrained": False, "bert_path": None}
 
 
 def label_targets(
@@ -307,6 +304,9 @@ class ClassifierModule(LightningModule):
 
     # ------------------------------------------------------------------ wiring
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            check_image_size(datamodule, self.net.encoder.img_size)
         if self.global_rank == 0:
             trainable = sum(p.numel() for p in self.net.parameters() if p.requires_grad)
             frozen = sum(p.numel() for p in self.net.parameters() if not p.requires_grad)
@@ -329,89 +329,41 @@ class ClassifierModule(LightningModule):
             model, self.optimizer_factory, self.scheduler_factory, total_steps, self.scheduler_interval
         )
 
+    def _class_path(self) -> str:
+        return f"{type(self).__module__}.{type(self).__qualname__}"
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Name the module class; clear pretrained-weight sources from the stored net config."""
+        checkpoint[MODULE_KEY] = self._class_path()
         hparams = checkpoint.get("hyper_parameters")
         if isinstance(hparams, dict) and isinstance(hparams.get("net"), dict):
             hparams = copy.deepcopy(hparams)
-            hparams["net"] = _clear_weight_sources(hparams["net"])
+            hparams["net"] = clear_weight_sources(hparams["net"])
             checkpoint["hyper_parameters"] = hparams
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint written by another module (e.g. a stage-2 one given to ``--ckpt_path``)."""
+        check_written_by(checkpoint, self._class_path(), "the checkpoint")
 
-def _clear_weight_sources(config: Any) -> Any:
-    """Return a copy of a net config with every pretrained-weight source reset (see ``_WEIGHT_SOURCES``)."""
-    if isinstance(config, dict):
-        out = {}
-        for key, value in config.items():
-            if key in _WEIGHT_SOURCES and not isinstance(value, dict):
-                out[key] = _WEIGHT_SOURCES[key]
-            else:
-                out[key] = _clear_weight_sources(value)
-        return out
-    if isinstance(config, list):
-        return [_clear_weight_sources(v) for v in config]
-    return config
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | Path, map_location: Any = None, **kwargs: Any
+    ) -> ClassifierModule:
+        """Rebuild the module from a stage-1 checkpoint alone, its stored class paths checked before import.
 
-
-def _instantiate_net(config: dict[str, Any], source: str) -> DiseaseClassifier:
-    """Build a :class:`DiseaseClassifier` (or subclass) from its ``class_path``/``init_args`` config."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(DiseaseClassifier, "net", required=True)
-    try:
-        cfg = parser.parse_object({"net": config})
-    except Exception as err:  # jsonargparse raises its own error types; re-raise naming the file
-        raise ValueError(f"{source}: cannot parse the stored net config: {err}") from err
-    # jsonargparse >= 4.49 renamed instantiate_classes to instantiate.
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    return instantiate(cfg).net
-
-
-def load_classifier(
-    ckpt_path: Path | str, net: DiseaseClassifier | None = None, map_location: str | torch.device = "cpu"
-) -> DiseaseClassifier:
-    """Rebuild the trained stage-1 network from a checkpoint, without Lightning or the YAML.
-
-    The net config stored by LightningCLI (``hyper_parameters["net"]``: ``class_path``/``init_args``) is
-    instantiated with jsonargparse, with pretrained-weight sources cleared (the checkpoint holds every
-    weight), then the ``net.*`` weights are loaded strictly. The checkpoint is read with
-    ``torch.load(weights_only=True)``.
-
-    Args:
-        ckpt_path: a ``.ckpt`` written by :class:`ClassifierModule` (``amrg fit`` or ``Trainer``).
-        net: an already built network to load the weights into, for checkpoints written by a
-            ClassifierModule built in Python (those store no net config).
-        map_location: where to put the tensors.
-
-    Returns:
-        The network in eval mode.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: no net config and no ``net`` given, or the weights do not fit the network.
-    """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"stage-1 checkpoint {str(path)!r} not found")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
-    if net is None:
-        config = (ckpt.get("hyper_parameters") or {}).get("net")
-        if not isinstance(config, dict) or "class_path" not in config:
-            raise ValueError(
-                f"{path}: holds no net config (hyper_parameters['net'] with class_path/init_args); it was "
-                "written by a ClassifierModule built in Python rather than by `amrg fit`. Build the "
-                "DiseaseClassifier yourself and pass it as net="
-            )
-        net = _instantiate_net(_clear_weight_sources(config), source=str(path))
-    net_state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
-    bad = state_dict_mismatch(net, net_state)
-    if bad:
-        raise ValueError(
-            f"{path}: weights do not fit {type(net).__name__}: missing {bad.missing}, "
-            f"unexpected {bad.unexpected}, mis-shaped {bad.mismatched}"
-        )
-    net.load_state_dict(net_state, strict=True)
-    return net.eval()
+        Args:
+            checkpoint_path: the stage-1 ``.ckpt``.
+            map_location: where to put the tensors (default: the CPU).
+            **kwargs: constructor arguments; ``net`` for checkpoints written by a module built in Python.
+        """
+        source = f"stage-1 checkpoint '{checkpoint_path}'"
+        lightning_load_options(kwargs)
+        ckpt = read_checkpoint(checkpoint_path, "stage-1 checkpoint", map_location or "cpu")
+        check_written_by(ckpt, f"{cls.__module__}.{cls.__qualname__}", source)
+        net = load_stage1(checkpoint_path, net=kwargs.pop("net", None), ckpt=ckpt)
+        stored = ckpt.get("hyper_parameters") or {}
+        for name in ("uncertain", "missing", "label_smoothing", "pos_weight", "threshold", "scheduler_interval"):
+            if name in stored and name not in kwargs and is_plain(stored[name]):
+                kwargs[name] = stored[name]
+        module = cls(net=net, **kwargs)
+        return module.eval()

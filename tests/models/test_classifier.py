@@ -77,6 +77,17 @@ def test_mismatched_widths_are_named():
         DiseaseClassifier(enc, qf, DiseaseHead(hidden_size=16))
 
 
+def test_an_unset_vision_width_follows_the_encoder():
+    enc = VisionEncoder(img_size=32, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4)
+    qf = DiseaseQFormer(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    with pytest.raises(ValueError, match="built with vision_width=None"):
+        qf.project_visual(torch.zeros(1, 4, 32))
+    net = DiseaseClassifier(enc, qf)
+    assert qf.vision_width == enc.num_features == 32
+    assert qf.visual_proj.fc.weight.shape == (32, 32)
+    assert net(torch.randn(2, 1, 3, 32, 32)).shape == (2, 14)
+
+
 def test_grad_cam_runs_on_the_final_norm():
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget

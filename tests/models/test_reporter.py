@@ -117,11 +117,16 @@ def tiny_banks(
     return visual, report
 
 
-def write_banks(folder: Path, visual_dim: int = WIDTH, ids: tuple[str, ...] = ()) -> tuple[Path, Path]:
-    visual, report = tiny_banks(visual_dim, ids)
-    visual.save(folder / "visual_memory")
-    report.save(folder / "report_memory")
-    return folder / "visual_memory", folder / "report_memory"
+def write_memory(
+    folder: Path, stage1: Path, visual_dim: int = WIDTH, ids: tuple[str, ...] = (), seed: int = 0
+) -> Path:
+    """A memory folder (both banks + manifest) as `amrg memory build` writes it, mined with ``stage1``."""
+    from amrg.checkpoints.memory import write_memory_folder
+    from amrg.checkpoints.stage1 import file_sha256
+
+    visual, report = tiny_banks(visual_dim, ids, seed=seed)
+    info = {"stage1_checkpoint": str(stage1), "stage1_checkpoint_sha256": file_sha256(stage1), "seed": 0}
+    return write_memory_folder(folder, {"visual": visual, "report": report}, {**info, "split": "train"})
 
 
 def train_reports(n: int = 60) -> list[str]:

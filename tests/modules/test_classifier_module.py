@@ -1,8 +1,12 @@
-"""ClassifierModule: label policies, loss, metrics, optimiser wiring, checkpoint round trips (Python and CLI)."""
+"""ClassifierModule: label policies, loss, metrics, optimiser wiring, checkpoint round trips (Python and CLI),
+untrusted checkpoints, the checks at fit start and the stage-1 recipes."""
 
 from __future__ import annotations
 
+import importlib
 import math
+import re
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -10,15 +14,19 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from amrg.checkpoints.safety import MODULE_KEY, UntrustedCheckpointError
+from amrg.checkpoints.stage1 import load_stage1
 from amrg.data.batch import Batch
 from amrg.labels import LABELS
 from amrg.models.classifier import DiseaseClassifier
 from amrg.models.qformer import DiseaseQFormer
 from amrg.models.vision import VisionEncoder
 from amrg.modules._optim import WarmupCosineLR, param_groups
-from amrg.modules.classifier import ClassifierModule, _StageMetrics, label_targets, load_classifier
+from amrg.modules.classifier import ClassifierModule, _StageMetrics, label_targets
 
 NAN = float("nan")
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DEMO_DATA = CONFIGS / "demo" / "data.yaml"
 ENCODER = dict(img_size=32, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4)
 QFORMER = dict(vision_width=32, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, dropout=0.0)
 
@@ -254,10 +262,14 @@ def test_python_checkpoint_round_trip_gives_the_same_logits(tmp_path):
     assert "net" not in ckpt["hyper_parameters"] and ckpt["hyper_parameters"]["uncertain"] == "ignore"
     reloaded = ClassifierModule.load_from_checkpoint(path, net=_net(seed=1)).eval()
     assert torch.allclose(reloaded(batch.images, batch.view_mask), expected, atol=1e-6)
-    net = load_classifier(path, net=_net(seed=2))
+    assert ckpt[MODULE_KEY] == "amrg.modules.classifier.ClassifierModule"
+    net = load_stage1(path, net=_net(seed=2))
+    assert not net.training
     assert torch.allclose(net(batch.images, batch.view_mask), expected, atol=1e-6)
-    with pytest.raises(ValueError, match="stage1.ckpt: holds no net config"):
-        load_classifier(path)
+    with pytest.raises(ValueError, match=r"stage1\.ckpt'?: holds no net config"):
+        load_stage1(path)
+    with pytest.raises(ValueError, match="holds no net config"):  # no net given, none stored
+        ClassifierModule.load_from_checkpoint(path)
 
 
 def test_cli_checkpoint_rebuilds_the_net_from_the_checkpoint_alone(tmp_path, monkeypatch):
@@ -326,12 +338,13 @@ def test_cli_checkpoint_rebuilds_the_net_from_the_checkpoint_alone(tmp_path, mon
     reloaded = ClassifierModule.load_from_checkpoint(path).eval()
     assert reloaded.uncertain == "positive"
     assert torch.allclose(reloaded(batch.images, batch.view_mask), expected, atol=1e-6)
-    net = load_classifier(path)
+    assert not reloaded.training and reloaded.net is not cli.model.net
+    net = load_stage1(path)
     assert isinstance(net, DiseaseClassifier) and not net.training
     assert torch.allclose(net(batch.images, batch.view_mask), expected, atol=1e-6)
 
 
-def test_load_classifier_names_a_mismatching_net(tmp_path):
+def test_load_stage1_names_a_mismatching_net(tmp_path):
     module = _module()
     trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
     trainer.fit(module, TinyData(n_batches=1))
@@ -340,15 +353,128 @@ def test_load_classifier_names_a_mismatching_net(tmp_path):
     torch.manual_seed(0)
     other = DiseaseClassifier(VisionEncoder(**ENCODER), DiseaseQFormer(**{**QFORMER, "num_layers": 3}))
     with pytest.raises(
-        ValueError, match=r"s1\.ckpt: weights do not fit DiseaseClassifier: missing \[.*layer\.2"
+        ValueError, match=r"s1\.ckpt'?: weights do not fit DiseaseClassifier: missing \[.*layer\.2"
     ):
-        load_classifier(path, net=other)
+        load_stage1(path, net=other)
     with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
-        load_classifier(tmp_path / "nothing.ckpt")
+        load_stage1(tmp_path / "nothing.ckpt")
+
+
+# ---------------------------------------------------------------------- untrusted checkpoints
+SENTINEL_MODULE = """\
+from pathlib import Path
+
+Path({sentinel!r}).write_text("imported")
+
+
+class Evil:
+    pass
+"""
+
+
+def _tampered_checkpoint(tmp_path: Path, net_config: dict) -> Path:
+    """A stage-1 checkpoint (weights of the tiny net) whose stored net config is ``net_config``."""
+    module = _module()
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(module, TinyData(n_batches=1))
+    path = tmp_path / "tampered.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["hyper_parameters"]["net"] = net_config
+    torch.save(ckpt, path)
+    return path
+
+
+def _net_config(encoder_class: str = "amrg.models.vision.VisionEncoder",
+                net_class: str = "amrg.models.classifier.DiseaseClassifier") -> dict:
+    return {
+        "class_path": net_class,
+        "init_args": {
+            "encoder": {"class_path": encoder_class, "init_args": dict(ENCODER)},
+            "qformer": {"class_path": "amrg.models.qformer.DiseaseQFormer", "init_args": dict(QFORMER)},
+        },
+    }
+
+
+@pytest.fixture
+def sentinel(tmp_path, monkeypatch) -> Path:
+    """``sentinel_mod`` on sys.path: importing it creates the returned file."""
+    flag = tmp_path / "sentinel_was_imported"
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    (code_dir / "sentinel_mod.py").write_text(SENTINEL_MODULE.format(sentinel=str(flag)))
+    monkeypatch.syspath_prepend(str(code_dir))
+    monkeypatch.delitem(sys.modules, "sentinel_mod", raising=False)
+    yield flag
+    sys.modules.pop("sentinel_mod", None)
+
+
+def test_the_sentinel_module_would_leave_its_file_when_imported(sentinel):
+    # the control for the refusals below: had anything imported sentinel_mod, its file would be there
+    assert not sentinel.exists()
+    importlib.import_module("sentinel_mod")
+    assert sentinel.read_text() == "imported"
+
+
+@pytest.mark.parametrize(
+    ("config", "offender"),
+    [
+        (_net_config(net_class="os.system"), "class_path='os.system'"),
+        (_net_config(net_class="sentinel_mod.Evil"), "class_path='sentinel_mod.Evil'"),
+        (_net_config(encoder_class="sentinel_mod.Evil"), "encoder.class_path='sentinel_mod.Evil'"),
+    ],
+    ids=["os.system", "top-level", "nested-encoder"],
+)
+def test_a_class_path_outside_the_allow_list_is_refused_before_any_import(
+    config, offender, sentinel, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("AMRG_TRUSTED_CLASSES", raising=False)
+    path = _tampered_checkpoint(tmp_path, config)
+    with pytest.raises(UntrustedCheckpointError, match=re.escape(offender)):
+        load_stage1(path)
+    with pytest.raises(UntrustedCheckpointError, match=re.escape(offender)):
+        ClassifierModule.load_from_checkpoint(path)
+    assert issubclass(UntrustedCheckpointError, ValueError)
+    assert not sentinel.exists(), "a refused checkpoint imported sentinel_mod"
+    assert "sentinel_mod" not in sys.modules
+
+
+def test_resuming_from_an_untrusted_checkpoint_is_refused(sentinel, tmp_path, monkeypatch):
+    from amrg.cli import lightning_cli
+
+    monkeypatch.delenv("AMRG_TRUSTED_CLASSES", raising=False)
+    path = _tampered_checkpoint(tmp_path, _net_config(encoder_class="sentinel_mod.Evil"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["amrg"])
+    with pytest.raises(UntrustedCheckpointError, match="sentinel_mod.Evil"):
+        lightning_cli(["fit", "-c", str(DEMO_DATA), "-c", str(CONFIGS / "demo" / "stage1.yaml"),
+                       f"--ckpt_path={path}", "--trainer.logger=false", "--trainer.callbacks=[]",
+                       f"--data.init_args.root={tmp_path / 'synthetic'}", "--data.init_args.n=20"])
+    assert not sentinel.exists()
+    assert not (tmp_path / "synthetic").exists()  # refused before any data was generated
+
+
+# ---------------------------------------------------------------------- checks at fit start
+def _synthetic(root: Path, image_size: int):
+    from amrg.data.datamodules import SyntheticDataModule
+
+    return SyntheticDataModule(root=root, n=20, seed=0, image_size=image_size, batch_size=4, num_workers=0,
+                               pin_memory=False)
+
+
+def test_a_datamodule_of_another_image_size_fails_at_fit_start(tmp_path):
+    module = _module(optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    with pytest.raises(ValueError, match=r"image_size is 64\b.*takes 32 px.*img_size"):
+        trainer.fit(module, datamodule=_synthetic(tmp_path / "synthetic", image_size=64))
+    assert trainer.global_step == 0
+    # the same module trains on data of its own size: the check is about the size, nothing else
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=_synthetic(tmp_path / "synthetic", image_size=32))
+    assert trainer.global_step == 1
 
 
 # ---------------------------------------------------------------------- recipes
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PAPER_RECIPES = ["iu_xray", "mimic_cxr", "chexpert_plus"]
 SHRINK_NET = [  # tiny sizes so a paper recipe builds in a second on a CPU
     "--model.init_args.net.init_args.encoder.init_args.img_size=32",
@@ -365,10 +491,11 @@ SHRINK_NET = [  # tiny sizes so a paper recipe builds in a second on a CPU
 
 
 def _cli(args: list[str], monkeypatch):
-    from lightning.pytorch.cli import LightningCLI
+    """amrg's own LightningCLI (as `amrg fit` builds it), instantiating only."""
+    from amrg.cli import lightning_cli
 
     monkeypatch.setattr("sys.argv", ["amrg"])
-    return LightningCLI(run=False, args=args, save_config_callback=None)
+    return lightning_cli(args, run=False)
 
 
 @pytest.mark.parametrize("dataset", PAPER_RECIPES)
@@ -379,13 +506,20 @@ def test_paper_recipe_widths_agree(dataset):
     net = config["model"]["init_args"]["net"]["init_args"]
     with torch.device("meta"):  # Swin-B's shapes without allocating its weights
         encoder = VisionEncoder(**net["encoder"]["init_args"])
-    assert encoder.num_features == net["qformer"]["init_args"]["vision_width"]
+        qformer = DiseaseQFormer(**net["qformer"]["init_args"])
+        classifier = DiseaseClassifier(encoder, qformer)
+    # a recipe either leaves the Q-Former's input width to the encoder or states the encoder's width
+    assert net["qformer"]["init_args"].get("vision_width") in (None, encoder.num_features)
+    assert classifier.qformer.vision_width == encoder.num_features
+    assert classifier.qformer.visual_proj.fc.in_features == encoder.num_features
     assert net["qformer"]["init_args"]["num_queries"] == len(LABELS)
 
 
 @pytest.mark.parametrize("dataset", PAPER_RECIPES)
 def test_paper_recipe_builds_through_lightning_cli(dataset, tmp_path, monkeypatch):
     args = [
+        "--config",
+        str(CONFIGS / dataset / "data.yaml"),
         "--config",
         str(CONFIGS / dataset / "stage1.yaml"),
         "--trainer.accelerator=cpu",
@@ -404,6 +538,8 @@ def test_paper_recipe_builds_through_lightning_cli(dataset, tmp_path, monkeypatc
 def test_demo_recipe_runs_through_lightning_cli(tmp_path, monkeypatch):
     args = [
         "--config",
+        str(DEMO_DATA),
+        "--config",
         str(CONFIGS / "demo" / "stage1.yaml"),
         "--trainer.fast_dev_run=1",
         "--trainer.logger=false",
@@ -418,3 +554,48 @@ def test_demo_recipe_runs_through_lightning_cli(tmp_path, monkeypatch):
     assert net.encoder.num_features == net.qformer.vision_width
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+def test_demo_stage1_last_ckpt_is_the_last_epoch_when_the_best_is_not(tmp_path, monkeypatch):
+    import yaml
+
+    from amrg.cli import lightning_cli
+
+    # The recipe's own two checkpoint callbacks, with the best one made to keep epoch 0 whatever the
+    # model does (monitor the epoch, lower is better): best and last are then different epochs.
+    recipe = yaml.safe_load((CONFIGS / "demo" / "stage1.yaml").read_text())
+    callbacks = recipe["trainer"]["callbacks"]
+    best = [c for c in callbacks if c["init_args"].get("filename") == "best"]
+    last = [c for c in callbacks if c["init_args"].get("filename") == "last"]
+    assert len(best) == 1 and len(last) == 1 and len(callbacks) == 2, callbacks
+    assert "monitor" not in last[0]["init_args"]
+    best[0]["init_args"].update(monitor="epoch", mode="min")
+    overlay = tmp_path / "best_is_epoch_0.yaml"
+    overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+
+    monkeypatch.chdir(tmp_path)  # the recipe writes runs/ and .cache/ relative to the working directory
+    monkeypatch.setattr("sys.argv", ["amrg"])
+    cli = lightning_cli(["fit", "-c", str(DEMO_DATA), "-c", str(CONFIGS / "demo" / "stage1.yaml"),
+                         "-c", str(overlay), "--data.init_args.n=20", "--data.init_args.batch_size=2",
+                         "--trainer.max_epochs=3", "--trainer.limit_train_batches=1",
+                         "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+                         "--data.init_args.image_size=32", *SHRINK_NET])  # a tiny net: seconds
+    folder = tmp_path / "runs" / "demo" / "stage1" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]  # no -v1 copies
+    with torch.serialization.safe_globals([type(Path())]):
+        last_ckpt = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)
+        best_ckpt = torch.load(folder / "best.ckpt", map_location="cpu", weights_only=True)
+    assert last_ckpt["epoch"] == 2 and last_ckpt["global_step"] == 3
+    assert best_ckpt["epoch"] == 0 and best_ckpt["global_step"] == 1
+    assert last_ckpt[MODULE_KEY] == "amrg.modules.classifier.ClassifierModule"
+
+    # last.ckpt holds the trained model as the run ended: reloading it alone gives the same logits
+    x = torch.randn(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    with torch.no_grad():
+        expected = cli.model.net.eval()(x, mask)
+        reloaded = ClassifierModule.load_from_checkpoint(folder / "last.ckpt")
+        assert torch.allclose(reloaded(x, mask), expected, atol=1e-5)
+        assert torch.allclose(load_stage1(folder / "last.ckpt")(x, mask), expected, atol=1e-5)
+        first = load_stage1(folder / "best.ckpt")(x, mask)
+    assert not torch.allclose(first, expected, atol=1e-5)  # epoch 0's weights, not the last ones

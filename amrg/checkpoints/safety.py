@@ -1,0 +1,131 @@
+"""Checkpoints never run code: class paths read from an artifact must resolve inside amrg or an allow-list.
+
+A Lightning checkpoint written through LightningCLI stores its configuration as ``class_path`` +
+``init_args`` pairs, and instantiating one imports its module, so a crafted checkpoint could run any
+installed code on load. Every class path read from an artifact is checked here, as a string, *before*
+anything is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+__all__ = [
+    "ALLOWED_CLASS_PREFIXES",
+    "MODULE_KEY",
+    "check_written_by",
+    "UntrustedCheckpointError",
+    "allowed_prefixes",
+    "check_class_paths",
+    "class_paths",
+    "instantiate_checked",
+]
+
+ALLOWED_CLASS_PREFIXES: tuple[str, ...] = ("amrg.", "torch.optim.", "torch.nn.")
+"""Module prefixes a class path stored in a checkpoint may name (amrg itself, torch optimisers and
+schedulers, torch.nn layers). Extend it for one process with the ``AMRG_TRUSTED_CLASSES`` environment
+variable (comma-separated prefixes, e.g. ``mylab.models.``)."""
+
+_ENV = "AMRG_TRUSTED_CLASSES"
+
+MODULE_KEY = "amrg_module"
+"""Checkpoint entry naming the LightningModule class that wrote it (``--ckpt_path`` checks it)."""
+
+
+class UntrustedCheckpointError(ValueError):
+    """An artifact asks for code outside amrg's allow-list (a class path) or for remote code."""
+
+
+def allowed_prefixes() -> tuple[str, ...]:
+    """:data:`ALLOWED_CLASS_PREFIXES` plus the prefixes in ``$AMRG_TRUSTED_CLASSES``."""
+    extra = tuple(p.strip() for p in os.environ.get(_ENV, "").split(",") if p.strip())
+    return ALLOWED_CLASS_PREFIXES + extra
+
+
+def class_paths(value: Any, where: str = "") -> Iterator[tuple[str, Any]]:
+    """Every ``class_path`` / ``_class_path`` / ``_instantiator`` value in a nested config, with its key path."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{where}.{key}" if where else str(key)
+            if key in ("class_path", "_class_path", "_instantiator"):
+                yield here, item
+            else:
+                yield from class_paths(item, here)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from class_paths(item, f"{where}[{i}]")
+
+
+def check_class_paths(value: Any, source: str, allowed: Sequence[str] | None = None) -> None:
+    """Refuse a config (read from ``source``) that names a class outside the allow-list.
+
+    ``lightning.pytorch.cli.instantiate_module`` (Lightning's own instantiator name) is accepted as
+    an ``_instantiator`` entry: Lightning writes it, and amrg never calls it from a checkpoint.
+
+    Raises:
+        UntrustedCheckpointError: lists every offending key path and class path, and how to trust one.
+    """
+    prefixes = tuple(allowed) if allowed is not None else allowed_prefixes()
+    bad = []
+    for key, path in class_paths(value):
+        if key.endswith("_instantiator") and path == "lightning.pytorch.cli.instantiate_module":
+            continue
+        if not isinstance(path, str) or not path.startswith(prefixes) or "." not in path:
+            bad.append(f"{key}={path!r}")
+    if bad:
+        raise UntrustedCheckpointError(
+            f"{source}: refused to load: it names code outside amrg's allow-list {list(prefixes)}: "
+            f"{', '.join(bad)}. Loading a checkpoint never imports other code; if you trust this file, add "
+            f"the module prefix to ${_ENV}"
+        )
+
+
+def instantiate_checked(config: dict[str, Any], base: type, source: str) -> Any:
+    """Instantiate a ``class_path``/``init_args`` config as ``base`` (or a subclass) after checking it.
+
+    Raises:
+        UntrustedCheckpointError: a class path outside the allow-list (nothing is imported).
+        ValueError: the config does not parse (names ``source``).
+    """
+    check_class_paths(config, source)
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(base, "obj", required=True)
+    try:
+        cfg = parser.parse_object({"obj": config})
+    except Exception as err:  # jsonargparse raises its own error types; re-raise naming the file
+        raise ValueError(f"{source}: cannot parse the stored {base.__name__} config: {err}") from err
+    # jsonargparse >= 4.49 renamed instantiate_classes to instantiate.
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    return instantiate(cfg).obj
+
+
+def written_by(ckpt: dict[str, Any]) -> str | None:
+    """The class path of the LightningModule that wrote a checkpoint (amrg's record, else LightningCLI's)."""
+    module = ckpt.get(MODULE_KEY)
+    if module is None:
+        module = (ckpt.get("hyper_parameters") or {}).get("_class_path")
+    return str(module) if module is not None else None
+
+
+def check_written_by(ckpt: dict[str, Any], expected: str, source: str) -> None:
+    """Refuse a checkpoint written by another LightningModule class than ``expected`` (a class path).
+
+    Raises:
+        ValueError: names both classes (e.g. a stage-2 checkpoint given to a stage-1 run).
+    """
+    found = written_by(ckpt)
+    # Full class paths when both are (a recipe may name the class alone, which jsonargparse resolves).
+    same = (
+        found == expected
+        if "." in str(found) and "." in expected
+        else str(found).split(".")[-1] == expected.split(".")[-1]
+    )
+    if found is not None and not same:
+        raise ValueError(
+            f"{source} was written by {found}, but this run trains {expected}; give a checkpoint of the same "
+            "stage (stage 1: ClassifierModule, stage 2: ReporterModule)"
+        )
