@@ -1,10 +1,34 @@
-"""What both stage modules check: the datamodule a run brings, and the options of their checkpoint loaders."""
+"""What both stage modules share: their hyper-parameter policy, the checks of the datamodule a run brings,
+and the options of their checkpoint loaders."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["check_image_size", "evaluation_ids", "lightning_load_options"]
+from lightning.pytorch import LightningModule
+
+from amrg._plain import is_plain
+
+__all__ = ["check_image_size", "evaluation_ids", "lightning_load_options", "save_plain_hyperparameters"]
+
+try:  # Lightning >= 2.3 sets this while LightningCLI instantiates the model (changelog #18105).
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+except ImportError:  # pragma: no cover - older Lightning: treat every construction as plain Python
+    _given_hyperparameters = None
+
+
+def save_plain_hyperparameters(module: LightningModule, objects: Mapping[str, Any]) -> None:
+    """``save_hyperparameters`` of the calling ``__init__``, keeping checkpoints loadable with ``weights_only``.
+
+    Under LightningCLI the parsed config (``class_path``/``init_args``, plain data) is stored. Built in
+    Python, the arguments in ``objects`` that are not plain data (a network, optimiser factories) are left
+    out, so no pickled class reaches the checkpoint.
+    """
+    given = _given_hyperparameters.get() if _given_hyperparameters is not None else None
+    ignore = [] if given is not None else [name for name, value in objects.items() if not is_plain(value)]
+    module.save_hyperparameters(ignore=ignore, frame=inspect.currentframe().f_back)
 
 
 def evaluation_ids(datamodule: Any) -> set[str]:

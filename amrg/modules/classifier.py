@@ -28,18 +28,12 @@ from amrg.checkpoints.stage1 import clear_weight_sources, load_stage1, read_chec
 from amrg.data.batch import Batch
 from amrg.labels import LABELS, NUM_LABELS
 from amrg.models.classifier import DiseaseClassifier
-from amrg.modules._checks import check_image_size, lightning_load_options
+from amrg.modules._checks import check_image_size, lightning_load_options, save_plain_hyperparameters
 from amrg.modules._optim import configure_optimizer
 
 __all__ = ["ClassifierModule", "label_targets"]
 
 _logger = logging.getLogger(__name__)
-
-try:  # Lightning >= 2.3 sets this while LightningCLI instantiates the model (changelog #18105).
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-except ImportError:  # pragma: no cover - older Lightning: treat every construction as plain Python
-    _given_hyperparameters = None
-
 
 def label_targets(
     labels: Tensor,
@@ -181,21 +175,8 @@ class ClassifierModule(LightningModule):
             pos_weight: per-label weight of positive examples in the BCE loss (14 values, CheXbert order).
             threshold: probability threshold for the F1 metrics.
         """
-        given = _given_hyperparameters.get() if _given_hyperparameters is not None else None
         super().__init__()
-        # Under LightningCLI the parsed config (class_path/init_args, plain data) is stored, so
-        # load_from_checkpoint rebuilds the whole net. Built in Python, the net and factories are objects:
-        # leave them out so checkpoints stay loadable with weights_only=True (no pickled classes).
-        ignore = (
-            []
-            if given is not None
-            else [
-                n
-                for n, v in (("net", net), ("optimizer", optimizer), ("scheduler", scheduler))
-                if not is_plain(v)
-            ]
-        )
-        self.save_hyperparameters(ignore=ignore)
+        save_plain_hyperparameters(self, {"net": net, "optimizer": optimizer, "scheduler": scheduler})
         if net.num_labels != NUM_LABELS:
             raise ValueError(
                 f"net predicts {net.num_labels} labels but the labels are the {NUM_LABELS} CheXpert ones"

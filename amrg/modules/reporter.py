@@ -31,18 +31,17 @@ from amrg.checkpoints.stage2 import RECORD_KEY, base_llm_keys, checkpoint_record
 from amrg.data.batch import Batch
 from amrg.labels import NUM_LABELS
 from amrg.models.reporter import ReportGenerator
-from amrg.modules._checks import check_image_size, evaluation_ids, lightning_load_options
+from amrg.modules._checks import (
+    check_image_size,
+    evaluation_ids,
+    lightning_load_options,
+    save_plain_hyperparameters,
+)
 from amrg.modules._optim import configure_optimizer
 
 __all__ = ["ReporterModule"]
 
 _logger = logging.getLogger(__name__)
-
-try:  # Lightning >= 2.3 sets this while LightningCLI instantiates the model (changelog #18105).
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-except ImportError:  # pragma: no cover - older Lightning: treat every construction as plain Python
-    _given_hyperparameters = None
-
 
 def _ignore_eval_mode_warning() -> None:
     """Stage 2 keeps the frozen stage-1 network (and a frozen LLM) in eval mode on purpose (no dropout in
@@ -84,21 +83,8 @@ class ReporterModule(LightningModule):
         scheduler_interval: Literal["step", "epoch"] = "step",
         explain_top_k: int = 5,
     ) -> None:
-        given = _given_hyperparameters.get() if _given_hyperparameters is not None else None
         super().__init__()
-        # Under LightningCLI the parsed config (plain data) is stored; built in Python, objects are left out
-        # so checkpoints load with weights_only=True. The network itself never comes back from hparams:
-        # load_from_checkpoint rebuilds it from the checkpoint's own record.
-        ignore = (
-            []
-            if given is not None
-            else [
-                n
-                for n, v in (("net", net), ("optimizer", optimizer), ("scheduler", scheduler))
-                if not is_plain(v)
-            ]
-        )
-        self.save_hyperparameters(ignore=ignore)
+        save_plain_hyperparameters(self, {"net": net, "optimizer": optimizer, "scheduler": scheduler})
         if explain_top_k < 0:
             raise ValueError(f"explain_top_k must be >= 0, got {explain_top_k}")
         if not isinstance(net, ReportGenerator):
