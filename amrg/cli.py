@@ -210,6 +210,20 @@ def _cli_class():
                 "file under it as ${run_path:stage1/checkpoints}, ..., so this one option moves them all.",
             )
 
+        def instantiate_classes(self) -> None:
+            # jsonargparse wraps an error raised while building the model (say, the stage-2 builder's
+            # list of missing files) in a long "does not validate against any of the Union subtypes"
+            # dump of the whole config; show the error that caused it instead.
+            try:
+                super().instantiate_classes()
+            except ValueError as err:
+                cause = err.__cause__
+                while cause is not None and cause.__cause__ is not None:
+                    cause = cause.__cause__
+                if isinstance(cause, (OSError, ValueError)):
+                    raise cause from None
+                raise
+
         def _parse_ckpt_path(self) -> None:
             if not self.config.get("subcommand"):
                 return

@@ -261,3 +261,15 @@ def test_stage2_recipes_name_the_builder_and_the_paper_decoding(dataset: str) ->
     memory = yaml.safe_load((CONFIGS / dataset / "memory.yaml").read_text())
     assert memory["run_root"] == recipe["run_root"] == f"runs/{dataset}"
     assert "out_dir" not in memory and "stage1_checkpoint" not in memory
+
+
+def test_a_recipe_whose_files_are_missing_names_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The builder's message reaches the user, not jsonargparse's dump of the whole config."""
+    monkeypatch.setattr("sys.argv", ["amrg"])
+    monkeypatch.chdir(tmp_path)
+    recipe = ["-c", str(CONFIGS / "demo/data.yaml"), "-c", str(CONFIGS / "demo/stage2.yaml")]
+    with pytest.raises(FileNotFoundError) as err:
+        cli.lightning_cli([*recipe, "--run_root", "elsewhere"], run=False)
+    message = str(err.value)
+    assert "stage-1 checkpoint 'elsewhere/stage1/checkpoints/last.ckpt' not found" in message
+    assert "memory folder 'elsewhere/memory' not found" in message and "Union" not in message
