@@ -196,9 +196,9 @@ def _cli_class():
 
         Lightning re-parses the model config from a checkpoint's hyper-parameters, so a checkpoint of
         another class silently switched the run to that class, and any class path stored in it was
-        imported. Here the checkpoint is only checked: written by the recipe's own module class, and every
-        stored class path inside amrg's allow-list. The recipe stays the user's; the checkpoint brings
-        weights and training state.
+        imported. Here the checkpoint is only checked to be written by the recipe's own module class and
+        nothing in its hyper-parameters is used: the recipe stays the user's; the checkpoint brings
+        weights and training state (read with ``weights_only=True``).
         """
 
         def add_arguments_to_parser(self, parser) -> None:
@@ -231,12 +231,11 @@ def _cli_class():
             ckpt_path = config.get("ckpt_path")
             if not ckpt_path or not Path(ckpt_path).is_file():
                 return
-            from amrg.checkpoints.safety import check_class_paths, check_written_by
+            from amrg.checkpoints.safety import check_written_by
             from amrg.checkpoints.stage1 import read_checkpoint
 
             source = f"--ckpt_path '{ckpt_path}'"
             ckpt = read_checkpoint(ckpt_path, "checkpoint")
-            check_class_paths(ckpt.get("hyper_parameters") or {}, source)
             model = config.get("model")
             expected = model.get("class_path") if hasattr(model, "get") else None
             if expected:

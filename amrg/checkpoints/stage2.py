@@ -445,7 +445,8 @@ def generator_from_checkpoint(
             "(stage-2 checkpoints of amrg < 0.2 named files of their run and must be retrained)"
         )
     _check_record(record, source)
-    check_class_paths(record, source)
+    # Only what is instantiated below names code; the memory manifest's data class is a record, never built.
+    check_class_paths({k: record[k] for k in ("classifier", "visual_retriever", "report_retriever")}, source)
     classifier = classifier_from_config(record["classifier"], source)
     width = classifier.qformer.hidden_size
     memories = {

@@ -439,19 +439,28 @@ def test_a_class_path_outside_the_allow_list_is_refused_before_any_import(
     assert "sentinel_mod" not in sys.modules
 
 
-def test_resuming_from_an_untrusted_checkpoint_is_refused(sentinel, tmp_path, monkeypatch):
+def test_resuming_never_takes_settings_or_code_from_the_checkpoint(sentinel, tmp_path, monkeypatch):
+    """`fit --ckpt_path` restores weights and training state; the recipe, not the checkpoint, builds the run
+    (Lightning would re-parse the model config from the checkpoint's hyper-parameters and import them)."""
     from amrg.cli import lightning_cli
 
-    monkeypatch.delenv("AMRG_TRUSTED_CLASSES", raising=False)
-    path = _tampered_checkpoint(tmp_path, _net_config(encoder_class="sentinel_mod.Evil"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["amrg"])
-    with pytest.raises(UntrustedCheckpointError, match="sentinel_mod.Evil"):
-        lightning_cli(["fit", "-c", str(DEMO_DATA), "-c", str(CONFIGS / "demo" / "stage1.yaml"),
-                       f"--ckpt_path={path}", "--trainer.logger=false", "--trainer.callbacks=[]",
-                       f"--data.init_args.root={tmp_path / 'synthetic'}", "--data.init_args.n=20"])
-    assert not sentinel.exists()
-    assert not (tmp_path / "synthetic").exists()  # refused before any data was generated
+    recipe = ["-c", str(DEMO_DATA), "-c", str(CONFIGS / "demo" / "stage1.yaml"), "--trainer.logger=false",
+              "--trainer.callbacks=[]", "--data.init_args.n=20", "--data.init_args.batch_size=8",
+              "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"]
+    built = lightning_cli(recipe, run=False)
+    built.trainer.strategy.connect(built.model)
+    path = tmp_path / "crafted.ckpt"
+    built.trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["hyper_parameters"]["net"]["init_args"]["encoder"]["class_path"] = "sentinel_mod.Evil"
+    ckpt["hyper_parameters"]["label_smoothing"] = 0.5
+    torch.save(ckpt, path)
+    resumed = lightning_cli(["fit", *recipe, f"--ckpt_path={path}", "--trainer.max_steps=1"])
+    assert not sentinel.exists() and "sentinel_mod" not in sys.modules
+    assert type(resumed.model.net.encoder) is VisionEncoder and resumed.model.label_smoothing == 0.0
+    assert resumed.trainer.global_step == 1
 
 
 # ---------------------------------------------------------------------- checks at fit start
