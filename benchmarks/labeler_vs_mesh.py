@@ -9,133 +9,24 @@ fetch the wheel outside the repository and never commit them::
     python benchmarks/labeler_vs_mesh.py --wheel /tmp/txv/torchxrayvision-1.5.7-py3-none-any.whl
     python benchmarks/labeler_vs_mesh.py --wheel ... --clean iu_xray   # on R2Gen-cleaned text, as amrg scores
 
-The tgz is read out of the wheel with zipfile + tarfile; torchxrayvision is never imported.
-
-Mapping of MeSH terms (the part before the first ``/``; qualifiers after it) to our labels. Only
-these count as a MeSH positive; a report whose only term is "No Indexing" is skipped.
-
-==========================  ============================================================
-label                       MeSH terms
-==========================  ============================================================
-Enlarged Cardiomediastinum  Mediastinum with qualifier enlarged / prominent / widened
-Cardiomegaly                Cardiomegaly; Cardiac Shadow with qualifier enlarged
-Lung Opacity                Opacity; Airspace Disease; Infiltrate; Cicatrix (scarring:
-                            CheXpert's "scar" is a Lung Opacity phrase); Markings with
-                            qualifier interstitial ("interstitial marking" is one too)
-Lung Lesion                 Nodule; Mass
-Edema                       Pulmonary Edema; Edema
-Consolidation               Consolidation
-Pneumonia                   Pneumonia
-Atelectasis                 Pulmonary Atelectasis; Atelectasis
-Pneumothorax                Pneumothorax; Hydropneumothorax; Hemopneumothorax
-Pleural Effusion            Pleural Effusion
-Pleural Other               Thickening or Cicatrix with qualifier pleura; Pleura;
-                            Pleural Diseases
-Fracture                    Fractures, Bone; Rib Fractures
-Support Devices             Catheters, Indwelling; Implanted Medical Device; Tube, Inserted;
-                            Medical Device; Stents; Pacemaker, Artificial;
-                            Catheterization, Central Venous
-No Finding                  normal
-==========================  ============================================================
-
-Not mapped, on purpose: "Pulmonary Congestion" (CheXpert makes congestion an *uncertain* Edema),
-"Surgical Instruments" (mostly sternotomy wires and clips, not in CheXpert's device phrases),
-"Density" (CheXpert's "density" is an other-finding phrase), "Calcified Granuloma" (an
-unmention of Lung Lesion). The table gives, per label, precision and recall of the labeler's
-positives (value 1) against MeSH positives, and the same with uncertain (-1) counted positive.
+The tgz is read out of the wheel with zipfile + tarfile; torchxrayvision is never imported. Reading
+and the MeSH -> label mapping (its table, and what is left unmapped on purpose) live in
+``amrg.data.iu_reports``, which ``amrg data iu-synth`` uses too. Only MeSH positives count; a report
+whose only term is "No Indexing" is skipped. The table gives, per label, precision and recall of the
+labeler's positives (value 1) against MeSH positives, and the same with uncertain (-1) counted
+positive.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import sys
-import tarfile
 import time
-import xml.etree.ElementTree as ET
-import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
+from amrg.data.iu_reports import load_reports, mesh_labels
 from amrg.labels import LABELS
 from amrg.metrics.labeler import CheXpertLabeler
-
-_TGZ_IN_WHEEL = "torchxrayvision/data/NLMCXR_reports.tgz"
-
-
-def _qual(*words: str) -> Callable[[list[str]], bool]:
-    return lambda quals: any(q.strip().lower() in words for q in quals)
-
-
-def _any(quals: list[str]) -> bool:
-    return True
-
-
-# label -> {MeSH term: predicate on its qualifiers}
-MESH_MAP: dict[str, dict[str, Callable[[list[str]], bool]]] = {
-    "Enlarged Cardiomediastinum": {"Mediastinum": _qual("enlarged", "prominent", "widened")},
-    "Cardiomegaly": {"Cardiomegaly": _any, "Cardiac Shadow": _qual("enlarged")},
-    "Lung Opacity": {
-        "Opacity": _any,
-        "Airspace Disease": _any,
-        "Infiltrate": _any,
-        "Cicatrix": _any,
-        "Markings": _qual("interstitial"),
-    },
-    "Lung Lesion": {"Nodule": _any, "Mass": _any},
-    "Edema": {"Pulmonary Edema": _any, "Edema": _any},
-    "Consolidation": {"Consolidation": _any},
-    "Pneumonia": {"Pneumonia": _any},
-    "Atelectasis": {"Pulmonary Atelectasis": _any, "Atelectasis": _any},
-    "Pneumothorax": {"Pneumothorax": _any, "Hydropneumothorax": _any, "Hemopneumothorax": _any},
-    "Pleural Effusion": {"Pleural Effusion": _any},
-    "Pleural Other": {
-        "Thickening": _qual("pleura"),
-        "Cicatrix": _qual("pleura"),
-        "Pleura": _any,
-        "Pleural Diseases": _any,
-    },
-    "Fracture": {"Fractures, Bone": _any, "Rib Fractures": _any},
-    "Support Devices": {
-        "Catheters, Indwelling": _any,
-        "Implanted Medical Device": _any,
-        "Tube, Inserted": _any,
-        "Medical Device": _any,
-        "Stents": _any,
-        "Pacemaker, Artificial": _any,
-        "Catheterization, Central Venous": _any,
-    },
-    "No Finding": {"normal": _any},
-}
-
-
-def read_reports(tgz_bytes: bytes) -> list[tuple[str, str, list[str]]]:
-    """(id, FINDINGS + IMPRESSION text, MeSH major terms) per XML file of the tgz."""
-    out = []
-    with tarfile.open(fileobj=io.BytesIO(tgz_bytes), mode="r:gz") as tar:
-        for member in tar:
-            if not member.isfile() or not member.name.endswith(".xml"):
-                continue
-            root = ET.fromstring(tar.extractfile(member).read())  # type: ignore[union-attr]
-            parts = {a.get("Label"): (a.text or "").strip() for a in root.iter("AbstractText")}
-            text = " ".join(p for p in (parts.get("FINDINGS"), parts.get("IMPRESSION")) if p)
-            terms = [
-                m.text.strip() for mesh in root.iter("MeSH") for m in mesh if m.tag == "major" and m.text
-            ]
-            out.append((Path(member.name).stem, text, terms))
-    return out
-
-
-def mesh_labels(terms: list[str]) -> set[str]:
-    """Our labels that a report's MeSH terms make positive."""
-    found = set()
-    for term in terms:
-        head, *quals = term.split("/")
-        for label, table in MESH_MAP.items():
-            pred = table.get(head.strip())
-            if pred is not None and pred(quals):
-                found.add(label)
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,12 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", action="append", default=None, help="restrict --show to these labels")
     args = parser.parse_args(argv)
 
-    if args.wheel is not None:
-        with zipfile.ZipFile(args.wheel) as wheel:
-            tgz = wheel.read(_TGZ_IN_WHEEL)
-    else:
-        tgz = args.tgz.read_bytes()
-    records = [r for r in read_reports(tgz) if r[1] and r[2] and r[2] != ["No Indexing"]]
+    reports = load_reports(args.wheel if args.wheel is not None else args.tgz)
+    records = [(r.id, r.text, list(r.mesh)) for r in reports]
+    records = [r for r in records if r[1] and r[2] and r[2] != ["No Indexing"]]
 
     labeler = CheXpertLabeler()
     if args.clean != "none":

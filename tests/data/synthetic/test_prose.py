@@ -1,0 +1,48 @@
+"""Report prose: the report states exactly the stored labels."""
+
+from __future__ import annotations
+
+import re
+
+from amrg.labels import NUM_LABELS, label_index
+
+NO_FINDING = label_index("No Finding")
+
+# A tiny sentence-level labeler for our own templates: which words mention a label, and which cues
+# make a mention uncertain or negated. It checks that the stored labels are what the report says.
+MENTION = {
+    "Enlarged Cardiomediastinum": r"mediastin",
+    "Cardiomegaly": r"cardiomegaly|heart (size|is)",
+    "Lung Opacity": r"opacity",
+    "Lung Lesion": r"nodule",
+    "Edema": r"edema",
+    "Consolidation": r"consolidation",
+    "Pneumonia": r"pneumonia",
+    "Atelectasis": r"atelectasis",
+    "Pneumothorax": r"pneumothorax",
+    "Pleural Effusion": r"effusion",
+    "Pleural Other": r"pleural thickening",
+    "Fracture": r"fracture",
+    "Support Devices": r"pacemaker|endotracheal tube|central line|support devices",
+}
+UNCERTAIN = re.compile(r"\b(possible|cannot exclude|questionable|may)\b")
+NEGATED = re.compile(r"\b(no|not|normal)\b")
+
+
+def _stated(report: str) -> list[int | None]:
+    codes: list[int | None] = [None] * NUM_LABELS
+    for sentence in (s.strip().lower() for s in report.split(".")):
+        for name, pattern in MENTION.items():
+            if not re.search(pattern, sentence):
+                continue
+            code = -1 if UNCERTAIN.search(sentence) else 0 if NEGATED.search(sentence) else 1
+            j = label_index(name)
+            assert codes[j] in (None, code), f"{name}: contradictory sentences in {report!r}"
+            codes[j] = code
+    return codes
+
+
+def test_report_states_exactly_the_labels(studies):
+    for study in studies(250):
+        assert study.report.strip() and study.report.endswith(".")
+        assert _stated(study.report)[:NO_FINDING] == study.labels[:NO_FINDING], study.report
