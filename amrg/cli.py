@@ -135,6 +135,22 @@ def _predict_images_handler() -> Callable[..., None]:
     return run
 
 
+# ---- demo -----------------------------------------------------------------------------------------
+def _demo_handler() -> Callable[..., None]:
+    import functools
+    import logging
+
+    from amrg.demo import run_demo
+
+    @functools.wraps(run_demo)
+    def run(**kwargs) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        print(run_demo(**kwargs))
+        print(f"\nwrote {Path(kwargs.get('out') or 'runs/demo') / 'results.md'} and results.json")
+
+    return run
+
+
 # The one table of subcommands: name -> (handler, one-line help). Lightning ones have no handler.
 COMMANDS: dict[str, tuple[Callable[..., None] | None, str]] = {
     "fit": (None, "train a model from a config (LightningCLI)"),
@@ -147,10 +163,11 @@ COMMANDS: dict[str, tuple[Callable[..., None] | None, str]] = {
     "data preview": (data_preview, "draw a PNG grid of studies with labels and boxes"),
     "memory build": (_memory_build_handler, "mine Grad-CAM patches and encode reports into memory banks"),
     "predict-images": (_predict_images_handler, "write reports (JSONL) for image files or folders"),
+    "demo": (_demo_handler, "the whole pipeline offline into one folder, ending with a results table"),
 }
 # Handlers whose modules import torch are built on demand (a factory returns the real command), so
 # `amrg --help` and the data commands start fast.
-_FACTORIES = {_memory_build_handler, _predict_images_handler}
+_FACTORIES = {_memory_build_handler, _predict_images_handler, _demo_handler}
 
 
 def _handler(name: str) -> Callable[..., None] | None:

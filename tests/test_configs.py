@@ -146,3 +146,13 @@ def test_paper_stage1_builds_on_meta(dataset: str) -> None:
     n_params = sum(p.numel() for p in net.parameters())
     assert n_params > 150e6, n_params  # Swin-B (~87M) + BERT-base-sized Q-Former (~100M)
     assert built.datamodule.hparams.image_size == net.encoder.img_size
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_iu_synth_data_composes_with_the_demo_recipes(stage: str, capsys) -> None:
+    # configs/iu_synth/data.yaml replaces the demo's data block: same tiny models, real IU report text
+    command = ["memory", "build"] if stage == "memory" else ["fit"]
+    args = ["--config", str(CONFIGS / "iu_synth" / "data.yaml"), "--config", str(CONFIGS / "demo" / f"{stage}.yaml")]
+    data = _printed(command, args, capsys)["data"]
+    assert data["class_path"] == "amrg.data.datamodules.IUXrayDataModule"
+    assert data["init_args"]["image_size"] == 64 and data["init_args"]["labels_from_reports"] is False

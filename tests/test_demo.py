@@ -1,0 +1,92 @@
+"""amrg demo: every stage into one folder and a results table; the baselines on a toy; bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from amrg.demo import DemoError, baseline_reports, run_demo, stage1_sentences
+
+ROWS = ("full model", "constant report", "retrieval (stage-1 labels)", "stage 1 as text")
+COLUMNS = (
+    "BLEU-4",
+    "CIDEr",
+    "ROUGE-L",
+    "CE micro-F1",
+    "CE macro-F1",
+    "stage-1 micro-F1",
+    "distinct",
+    "wall time",
+)
+
+
+def _codes(*positive: int) -> list[int | None]:
+    return [1 if i in positive else None for i in range(14)]
+
+
+def test_constant_and_retrieval_baselines_on_a_toy() -> None:
+    train = [
+        ("a", "normal chest .", _codes(13)),
+        ("b", "normal chest .", _codes(13)),
+        ("c", "big heart .", _codes(1)),
+        ("d", "big heart and fluid .", _codes(1, 9)),
+        ("e", "fluid .", _codes(9)),
+    ]
+    out = baseline_reports(train, [set(), {1}, {1, 9}, {9, 2}])
+    assert out["constant"] == ["normal chest ."] * 4  # the most frequent training report
+    # no predicted finding matches the empty set best; {9, 2} shares most with {9} (F1 2/3 vs 1/2 for {1, 9})
+    assert out["retrieval"] == ["normal chest .", "big heart .", "big heart and fluid .", "fluid ."]
+
+
+def test_constant_report_ties_go_to_the_most_common_label_set() -> None:
+    train = [("a", "x .", _codes(1)), ("b", "y .", _codes(9)), ("c", "z .", _codes(9))]
+    assert baseline_reports(train, [set()])["constant"] == ["y ."]  # label set {9} twice, {1} once
+
+
+def test_stage1_prediction_as_text() -> None:
+    assert stage1_sentences(["Cardiomegaly", "Pleural Effusion"]) == "cardiomegaly . pleural effusion ."
+    assert (
+        stage1_sentences([]) == stage1_sentences(["No Finding"]) == "no acute cardiopulmonary abnormality ."
+    )
+
+
+def test_an_out_folder_of_another_kind_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(DemoError, match=r"holds files that are not an amrg demo run"):
+        run_demo(out=tmp_path, preset="tiny")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(DemoError, match=r"--data iu-synth needs --reports"):
+        run_demo(out=tmp_path / "iu", data="iu-synth")
+    with pytest.raises(DemoError, match=r"--reports '.*nope.tgz' not found"):
+        run_demo(out=tmp_path / "iu", data="iu-synth", reports=tmp_path / "nope.tgz")
+
+
+@pytest.mark.slow
+def test_tiny_demo_runs_every_stage_and_writes_the_table(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    amrg = [sys.executable, "-m", "amrg.cli", "demo", "--out", str(out), "--preset", "tiny"]
+    done = subprocess.run(amrg, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for step in ("[1/5] stage1", "[2/5] memory", "[3/5] stage2", "[4/5] test", "[5/5] results"):
+        assert step in done.stderr, step  # progress per stage
+    table = (out / "results.md").read_text()
+    assert table.strip() in done.stdout
+    header = table.splitlines()[0]
+    assert all(column in header for column in COLUMNS)
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == list(ROWS)
+    results = json.loads((out / "results.json").read_text())
+    assert [row["name"] for row in results["rows"]] == list(ROWS) and results["test_studies"] == 4
+    assert 0.0 <= results["stage1_micro_f1"] <= 1.0
+    for name in ("stage1", "memory", "stage2", "test"):
+        assert (out / f"{name}.done.json").is_file()
+    assert (out / "stage2" / "checkpoints" / "last.ckpt").is_file() and (
+        out / "memory" / "manifest.json"
+    ).is_file()
+    # A re-run reuses every finished stage and writes the same table.
+    again = subprocess.run(amrg, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stderr.count("reused") == 4
+    assert (out / "results.md").read_text() == table
