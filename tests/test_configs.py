@@ -13,7 +13,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DATASETS = ("demo", "iu_xray", "mimic_cxr", "chexpert_plus")
 STAGES = ("stage1", "memory", "stage2")
 # data.yaml is not a recipe: it is composed with (and so parsed by) every recipe of its folder
-RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "trainer" and p.name != "data.yaml")
+RECIPES = sorted(
+    p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("trainer", "ablations") and p.name != "data.yaml"
+)
+ABLATIONS = sorted((CONFIGS / "ablations").glob("*.yaml"))
 OVERLAYS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 
 
@@ -156,3 +159,26 @@ def test_iu_synth_data_composes_with_the_demo_recipes(stage: str, capsys) -> Non
     data = _printed(command, args, capsys)["data"]
     assert data["class_path"] == "amrg.data.datamodules.IUXrayDataModule"
     assert data["init_args"]["image_size"] == 64 and data["init_args"]["labels_from_reports"] is False
+
+
+def test_every_ablation_of_the_issue_has_an_overlay() -> None:
+    names = {p.stem for p in ABLATIONS}
+    assert names == {"no_visual_memory", "no_report_memory", "no_memory", "cross_attention", "pooled_queries"}
+
+
+@pytest.mark.parametrize("overlay", ABLATIONS, ids=_id)
+def test_ablation_overlays_compose_with_a_stage2_recipe(overlay: Path, capsys) -> None:
+    printed = _printed(["fit"], [*_composed(CONFIGS / "demo" / "stage2.yaml"), "--config", str(overlay)], capsys)
+    assert printed["trainer"]["default_root_dir"] == f"runs/demo/ablations/{overlay.stem}"
+    net = printed["model"]["init_args"]["net"]["init_args"]
+    assert net["stage1_checkpoint"] == "runs/demo/stage1/checkpoints/last.ckpt"  # the full model's inputs
+    assert net["memory"] == "runs/demo/memory"
+    retrievers = {net["visual_retriever"]["class_path"], net["report_retriever"]["class_path"]}
+    expected = {
+        "no_visual_memory": ("amrg.models.NoRetriever", "disease"),
+        "no_report_memory": ("amrg.models.NoRetriever", "disease"),
+        "no_memory": ("amrg.models.NoRetriever", "disease"),
+        "cross_attention": ("amrg.models.CrossAttentionRetriever", "disease"),
+        "pooled_queries": ("amrg.models.HopfieldRetriever", "pooled"),
+    }[overlay.stem]
+    assert expected[0] in retrievers and net["queries"] == expected[1]

@@ -184,6 +184,7 @@ def build_report_generator(
     system_prompt: str | None = None,
     max_report_tokens: int = 100,
     decoding: DecodingConfig = DecodingConfig(),  # noqa: B008 - plain data
+    queries: Literal["disease", "pooled"] = "disease",
     forbidden_ids: Sequence[str] = (),
 ) -> ReportGenerator:
     """Assemble the stage-2 network from a stage-1 checkpoint, a memory folder and an LLM.
@@ -215,6 +216,8 @@ def build_report_generator(
         system_prompt: optional system turn (chat template only).
         max_report_tokens: report tokens kept for teacher forcing (paper: 60 IU X-ray, 100 otherwise).
         decoding: beam-search settings for validation, test and prediction.
+        queries: ``"disease"`` (paper) or ``"pooled"`` (ablation: pooled patch tokens instead of the
+            disease tokens, see :class:`~amrg.models.reporter.ReportGenerator`).
         forbidden_ids: study ids the memories must not hold (the run's val/test ids; ReporterModule also
             checks the datamodule's own when a run starts).
 
@@ -330,6 +333,7 @@ def build_report_generator(
         "prompt_template": prompt_template,
         "system_prompt": system_prompt,
         "max_report_tokens": max_report_tokens,
+        "queries": queries,
         **asdict(decoding),
     }
     net = ReportGenerator(

@@ -147,6 +147,10 @@ class ReportGenerator(nn.Module):
         visual_provenance: one record per visual memory row (``source_id``, ``label``, ...), for
             explanations; may be set later with :meth:`set_provenance`.
         report_provenance: one record per report memory row (``source_id``, ``label``, ``text``).
+        queries: ``"disease"`` (paper): the Q-Former's disease tokens query the memories and enter the
+            prefix; ``"pooled"`` (ablation): the mean of the projected patch tokens, repeated Q times, takes
+            their place, so nothing is disease-specific (the stage-1 probabilities still come from the
+            disease tokens).
 
     Raises:
         ValueError: widths of the classifier, retrievers and memories that do not fit together.
@@ -172,6 +176,7 @@ class ReportGenerator(nn.Module):
         max_new_tokens: int = 120,
         visual_provenance: Sequence[dict[str, Any]] = (),
         report_provenance: Sequence[dict[str, Any]] = (),
+        queries: Literal["disease", "pooled"] = "disease",
     ) -> None:
         super().__init__()
         width = classifier.qformer.hidden_size
@@ -195,6 +200,8 @@ class ReportGenerator(nn.Module):
             )
         if max_report_tokens < 1:
             problems.append(f"max_report_tokens must be >= 1, got {max_report_tokens}")
+        if queries not in ("disease", "pooled"):
+            problems.append(f"queries must be 'disease' or 'pooled', got {queries!r}")
         if num_beams < 1:
             problems.append(f"num_beams must be >= 1, got {num_beams}")
         if not 0 <= min_new_tokens <= max_new_tokens or max_new_tokens < 1:
@@ -212,6 +219,7 @@ class ReportGenerator(nn.Module):
         self.report_retriever = report_retriever
         self.freeze_encoder = freeze_encoder
         self.freeze_qformer = freeze_qformer
+        self.queries = queries
         self.prompt = ReportPrompt(
             tokenizer, instruction=instruction, template=prompt_template, system_prompt=system_prompt
         )
@@ -316,6 +324,8 @@ class ReportGenerator(nn.Module):
             queries = qformer.queries[0]  # [Q, D], the learned disease-query embeddings
         with torch.no_grad():
             logits = self.classifier.head(disease.detach()).float()  # [B, Q]
+        if self.queries == "pooled":
+            disease = self._pooled(qformer.project_visual(patch), token_mask, disease.shape[1])  # [B, Q, D]
 
         visual = self.visual_retriever(disease, extra_patterns=queries, return_attention=return_attention)
         report = self.report_retriever(disease, return_attention=return_attention)
@@ -337,6 +347,16 @@ class ReportGenerator(nn.Module):
             rest = token_mask.new_ones(token_mask.shape[0], 3 * disease.shape[1])  # [B, 3Q]
             prefix_mask = torch.cat([token_mask.bool(), rest.bool()], dim=1)  # [B, N + 3Q]
         return VisualPrefix(prefix, prefix_mask, logits, visual_attention, report_attention)
+
+    @staticmethod
+    def _pooled(tokens: Tensor, token_mask: Tensor | None, num_queries: int) -> Tensor:
+        """Mean of the real projected patch tokens, [B, N, D] -> [B, Q, D] (the same vector Q times)."""
+        if token_mask is None:
+            pooled = tokens.mean(dim=1)  # [B, D]
+        else:
+            weights = token_mask.to(tokens.dtype).unsqueeze(-1)  # [B, N, 1]
+            pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)  # [B, D]
+        return pooled.unsqueeze(1).expand(-1, num_queries, -1)  # [B, Q, D]
 
     # ------------------------------------------------------------------ training
     def loss_from_prefix(self, visual: VisualPrefix, reports: Sequence[str]) -> Tensor:

@@ -416,3 +416,16 @@ def test_throughput_benchmark_flops_on_meta_equal_real_tensors(
     assert counts["prefill_flops"]["groups"]["LLM"] == counts["prefill_flops_bare_llm"]["value"]
     assert counts["train_flops"]["groups"]["LLM"] > counts["train_flops_bare_llm"]["value"]
     assert json.loads(out.read_text())["results"] == meta
+
+
+def test_pooled_queries_ablation_makes_every_query_the_same(tokenizers) -> None:
+    net = make_generator(tokenizers["llama"], queries="pooled").eval()
+    images, view_mask = batch()
+    visual = net.encode(images, view_mask, return_attention=True)
+    disease_slots = visual.prefix[:, -3 * 14 : -2 * 14]  # [B, Q, H], the projected query tokens
+    assert torch.allclose(disease_slots, disease_slots[:, :1].expand_as(disease_slots))
+    reference = make_generator(tokenizers["llama"]).eval().encode(images, view_mask)
+    assert torch.equal(visual.logits, reference.logits)  # stage-1 probabilities still from disease tokens
+    assert not torch.allclose(visual.prefix, reference.prefix)
+    with pytest.raises(ValueError, match="queries must be 'disease' or 'pooled'"):
+        make_generator(tokenizers["llama"], queries="mean")
