@@ -13,7 +13,9 @@ random models on 64 px films, 2 CPU cores) into ``--out`` and scores the test sp
 
 Columns: BLEU-4, CIDEr, ROUGE-L, CE micro- and macro-F1 (14 labels, uncertain as negative, the offline
 labeler on both sides), the stage-1 micro-F1 at 0.5 against the annotation's labels, distinct reports
-(%) and wall time. Each stage leaves ``<out>/<stage>.done.json``; a re-run reuses finished stages whose
+(%), recall agreement of the full model (:func:`recall_agreement`: the share of its top-5 recalled
+report- and visual-memory items stored under one of the study's labels, against a random item) and wall
+time. Each stage leaves ``<out>/<stage>.done.json``; a re-run reuses finished stages whose
 command has not changed (``fresh=True`` redoes everything).
 """
 
@@ -32,7 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["DEMO_MARKER", "DemoError", "Row", "baseline_reports", "run_demo", "stage1_sentences"]
+__all__ = [
+    "DEMO_MARKER",
+    "DemoError",
+    "Row",
+    "baseline_reports",
+    "recall_agreement",
+    "run_demo",
+    "stage1_sentences",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -212,17 +222,65 @@ def _stage1_predictions(ckpt: Path, data) -> tuple[list[str], list[set[int]], fl
     return ids, preds, precision_recall_f1(pred, true)["micro_f1"]
 
 
-def _table(rows: list[Row], stage1_f1: float) -> str:
+def recall_agreement(net, loader, top_k: int = 5) -> dict[str, float]:
+    """How often a recalled memory item's label is positive for the study, against a random item.
+
+    For each test study with a positive label, the top-k items of each memory
+    (:meth:`~amrg.models.reporter.ReportGenerator.explain_from_prefix`) are compared with the study's
+    positive labels (the annotation's, code 1): the share whose stored label is one of them. A random
+    item's expected share is the fraction of the memory's rows stored under one of the study's labels,
+    computed exactly rather than sampled.
+
+    Returns:
+        ``{"report", "report_random", "visual", "visual_random"}``, means over those studies.
+    """
+    import torch
+
+    from amrg.labels import LABELS
+
+    label_of = {
+        "visual": [str(r.get("label")) for r in net.visual_provenance],
+        "report": [str(r.get("label")) for r in net.report_provenance],
+    }
+    sums = dict.fromkeys(("report", "report_random", "visual", "visual_random"), 0.0)
+    studies = 0
+    with torch.no_grad():
+        for batch in loader:
+            if batch is None:
+                continue
+            visual = net.encode(batch.images, batch.view_mask, return_attention=True)
+            for row, recalled in zip(
+                batch.labels.tolist(), net.explain_from_prefix(visual, top_k), strict=True
+            ):
+                positive = {LABELS[j] for j, v in enumerate(row) if v == 1}
+                if not positive:
+                    continue
+                studies += 1
+                for kind in ("visual", "report"):
+                    mine = [item for item in recalled if item.memory == kind]
+                    sums[kind] += sum(item.label in positive for item in mine) / max(1, len(mine))
+                    stored = label_of[kind]
+                    sums[f"{kind}_random"] += sum(label in positive for label in stored) / max(1, len(stored))
+    return {key: value / max(1, studies) for key, value in sums.items()}
+
+
+def _table(rows: list[Row], stage1_f1: float, recall: dict[str, float]) -> str:
     head = (
-        "| | BLEU-4 | CIDEr | ROUGE-L | CE micro-F1 | CE macro-F1 | stage-1 micro-F1 | distinct | wall time |"
+        "| | BLEU-4 | CIDEr | ROUGE-L | CE micro-F1 | CE macro-F1 | stage-1 micro-F1 | distinct | "
+        "report recall (random) | visual recall (random) | wall time |"
     )
-    lines = [head, "|" + "---|" * 9]
-    for row in rows:
+    lines = [head, "|" + "---|" * 11]
+    for i, row in enumerate(rows):
         s = row.scores
         wall = f"{row.seconds:.0f} s" if row.seconds is not None else "-"
+        # recall agreement is the full model's (the first row); the baselines recall nothing
+        agree = [
+            f"{recall[k]:.2f} ({recall[k + '_random']:.2f})" if i == 0 else "-" for k in ("report", "visual")
+        ]
         lines.append(
             f"| {row.name} | {s['bleu4']:.3f} | {s['cider']:.3f} | {s['rouge_l']:.3f} | {s['ce_micro_f1']:.3f} | "
-            f"{s['ce_macro_f1']:.3f} | {stage1_f1:.3f} | {100 * s['distinct']:.0f} % | {wall} |"
+            f"{s['ce_macro_f1']:.3f} | {stage1_f1:.3f} | {100 * s['distinct']:.0f} % | {agree[0]} | {agree[1]} | "
+            f"{wall} |"
         )
     return "\n".join(lines)
 
@@ -372,11 +430,15 @@ def run_demo(
             ),
         ),
     ]
-    table = _table(rows, stage1_f1)
+    from amrg.checkpoints.stage2 import load_stage2
+
+    recall = recall_agreement(load_stage2(out / "stage2" / "checkpoints" / "last.ckpt"), dm.test_dataloader())
+    table = _table(rows, stage1_f1, recall)
     results = {
         "settings": settings,
         "test_studies": len(ids),
         "stage1_micro_f1": stage1_f1,
+        "recall_agreement": recall,
         "reference_distinct": len(set(refs)) / max(1, len(refs)),
         "seconds": seconds,
         "rows": [{"name": r.name, **r.scores, "seconds": r.seconds} for r in rows],

@@ -20,6 +20,8 @@ COLUMNS = (
     "CE macro-F1",
     "stage-1 micro-F1",
     "distinct",
+    "report recall (random)",
+    "visual recall (random)",
     "wall time",
 )
 
@@ -45,6 +47,33 @@ def test_constant_and_retrieval_baselines_on_a_toy() -> None:
 def test_constant_report_ties_go_to_the_most_common_label_set() -> None:
     train = [("a", "x .", _codes(1)), ("b", "y .", _codes(9)), ("c", "z .", _codes(9))]
     assert baseline_reports(train, [set()])["constant"] == ["y ."]  # label set {9} twice, {1} once
+
+
+def test_recall_agreement_counts_items_stored_under_the_studys_labels() -> None:
+    import torch
+
+    from amrg.data.batch import Batch
+    from amrg.demo import recall_agreement
+    from amrg.models.reporter import RecalledItem
+
+    class Net:  # two visual rows (Cardiomegaly, Edema), four report rows (3 x Cardiomegaly, Edema)
+        visual_provenance = [{"label": "Cardiomegaly"}, {"label": "Edema"}]
+        report_provenance = [{"label": "Cardiomegaly"}] * 3 + [{"label": "Edema"}]
+
+        def encode(self, images, view_mask, return_attention=False):
+            return None
+
+        def explain_from_prefix(self, visual, top_k):
+            return [
+                [RecalledItem("visual", "s", "Edema", 0.9, 1), RecalledItem("report", "s", "Cardiomegaly", 0.5, 0)],
+                [RecalledItem("visual", "s", "Edema", 0.9, 1)],
+            ]
+
+    labels = torch.full((2, 14), float("nan"))
+    labels[0, 1] = 1.0  # study 0: Cardiomegaly; study 1: nothing positive, left out
+    batch = Batch(["a", "b"], torch.zeros(2, 1, 3, 8, 8), None, ["", ""], labels)
+    agreement = recall_agreement(Net(), [batch])
+    assert agreement == {"report": 1.0, "report_random": 0.75, "visual": 0.0, "visual_random": 0.5}
 
 
 def test_stage1_prediction_as_text() -> None:
@@ -81,6 +110,7 @@ def test_tiny_demo_runs_every_stage_and_writes_the_table(tmp_path: Path) -> None
     results = json.loads((out / "results.json").read_text())
     assert [row["name"] for row in results["rows"]] == list(ROWS) and results["test_studies"] == 4
     assert 0.0 <= results["stage1_micro_f1"] <= 1.0
+    assert set(results["recall_agreement"]) == {"report", "report_random", "visual", "visual_random"}
     for name in ("stage1", "memory", "stage2", "test"):
         assert (out / f"{name}.done.json").is_file()
     assert (out / "stage2" / "checkpoints" / "last.ckpt").is_file() and (
