@@ -99,8 +99,14 @@ def _prepare_out(out: Path, fresh: bool, settings: dict[str, Any]) -> None:
         marker.write_text(json.dumps({"kind": "amrg demo", "settings": settings}, indent=1) + "\n")
 
 
+_STAGES = ("stage1", "memory", "stage2", "test")
+
+
 def _run_stage(out: Path, name: str, args: list[str], step: str, artifact: Path) -> float:
-    """Run one ``amrg`` command unless it already finished with the same arguments; return its seconds."""
+    """Run one ``amrg`` command unless it already finished with the same arguments; return its seconds.
+
+    A stage that runs makes every later stage run too (their inputs changed), by dropping their records.
+    """
     done = out / f"{name}.done.json"
     if done.is_file() and artifact.exists():
         record = json.loads(done.read_text(encoding="utf-8"))
@@ -108,6 +114,8 @@ def _run_stage(out: Path, name: str, args: list[str], step: str, artifact: Path)
             _logger.info("%s %s: done before (%s), reused", step, name, done)
             return float(record["seconds"])
     _logger.info("%s %s: amrg %s", step, name, " ".join(args))
+    for later in _STAGES[_STAGES.index(name) + 1 :]:
+        (out / f"{later}.done.json").unlink(missing_ok=True)
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "amrg.cli", *args], cwd=out, check=False)
     seconds = time.perf_counter() - start
@@ -185,19 +193,6 @@ def _scores(
         "ce_macro_f1": ce[ce_key("macro", "f1", "14", "u0")],
         "distinct": len(set(hyps)) / max(1, len(hyps)),
     }
-
-
-def _datamodule(data_yaml: Path, overrides: dict[str, Any]):
-    import yaml
-    from jsonargparse import ArgumentParser
-
-    from amrg.data.datamodules import ReportDataModule
-
-    block = yaml.safe_load(data_yaml.read_text())["data"]
-    block["init_args"].update(overrides)
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(ReportDataModule, "data")
-    return parser.instantiate(parser.parse_object({"data": block})).data
 
 
 def _stage1_predictions(ckpt: Path, data) -> tuple[list[str], list[set[int]], float]:
@@ -390,7 +385,9 @@ def run_demo(
         )
     else:
         overrides.update(annotation=str(out / "data" / "annotation.json"))
-    dm = _datamodule(data_yaml, overrides)
+    from amrg.data.datamodules import datamodule_from_recipe
+
+    dm = datamodule_from_recipe(data_yaml, **overrides)
     dm.prepare_data()
     dm.setup("fit")
     dm.setup("test")

@@ -56,23 +56,11 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from amrg.checkpoints.stage1 import load_stage1
+from amrg.data.datamodules import datamodule_from_recipe
 from amrg.labels import LABELS
 from amrg.memory.cam import CAMConfig, mine_visual_memory, pointing_accuracy
-
-
-def _datamodule(config: Path):
-    """The data block of a stage-1 recipe (its folder's data.yaml), instantiated as the CLI would."""
-    from jsonargparse import ArgumentParser
-
-    from amrg.data.datamodules import ReportDataModule
-
-    block = yaml.safe_load((config.parent / "data.yaml").read_text())["data"]
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(ReportDataModule, "data")
-    return parser.instantiate(parser.parse_object({"data": block})).data
 
 
 @torch.no_grad()
@@ -117,7 +105,7 @@ def main() -> None:
     from amrg.data.dataset import collate_studies
 
     net = load_stage1(args.checkpoint)
-    data = _datamodule(args.config)
+    data = datamodule_from_recipe(args.config.parent / "data.yaml")  # the recipe's data block
     data.prepare_data()
     data.setup("fit")
     train = data.annotation["train"]

@@ -65,7 +65,10 @@ def test_recall_agreement_counts_items_stored_under_the_studys_labels() -> None:
 
         def explain_from_prefix(self, visual, top_k):
             return [
-                [RecalledItem("visual", "s", "Edema", 0.9, 1), RecalledItem("report", "s", "Cardiomegaly", 0.5, 0)],
+                [
+                    RecalledItem("visual", "s", "Edema", 0.9, 1),
+                    RecalledItem("report", "s", "Cardiomegaly", 0.5, 0),
+                ],
                 [RecalledItem("visual", "s", "Edema", 0.9, 1)],
             ]
 
@@ -120,3 +123,25 @@ def test_tiny_demo_runs_every_stage_and_writes_the_table(tmp_path: Path) -> None
     again = subprocess.run(amrg, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stderr.count("reused") == 4
     assert (out / "results.md").read_text() == table
+
+
+def test_a_stage_that_runs_again_makes_the_later_stages_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import amrg.demo as demo
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(
+        demo.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0)
+    )
+    for name in demo._STAGES:
+        (tmp_path / name).touch()
+        demo._run_stage(tmp_path, name, [name], "[x]", tmp_path / name)
+    assert len(calls) == 4
+    for name in demo._STAGES:  # same arguments: every stage reused
+        demo._run_stage(tmp_path, name, [name], "[x]", tmp_path / name)
+    assert len(calls) == 4
+    demo._run_stage(tmp_path, "memory", ["memory", "changed"], "[x]", tmp_path / "memory")
+    for name in ("stage2", "test"):  # after memory ran again, stage 2 and test run again too
+        demo._run_stage(tmp_path, name, [name], "[x]", tmp_path / name)
+    assert [c[-1] for c in calls[4:]] == ["changed", "stage2", "test"]

@@ -44,6 +44,7 @@ from amrg.checkpoints.stage1 import (
 from amrg.labels import LABELS
 from amrg.models.llm import (
     DEFAULT_INSTRUCTION,
+    TOKENIZER_FILES,
     AttnImplementation,
     DType,
     LoRAConfig,
@@ -74,7 +75,7 @@ RECORD_KEY = "amrg_stage2"
 """Checkpoint entry holding everything needed to rebuild the stage-2 network besides its weights."""
 
 _FORMAT_VERSION = 2
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # text vocabularies a checkpoint can carry
+_TEXT_VOCABULARIES = ("tokenizer.json", "vocab.json")  # vocabularies a checkpoint can carry as text
 _MAX_TOKENIZER_FILE = 64 * 1024 * 1024
 
 RetrieverFactory = Callable[[int, Tensor], nn.Module]
@@ -543,8 +544,7 @@ def _as_dataclass(value: Any, cls: type, name: str) -> Any:
 
 
 def _has_tokenizer(folder: Path) -> bool:
-    names = ("tokenizer.json", "tokenizer.model", "vocab.json")
-    return folder.is_dir() and any((folder / n).is_file() for n in names)
+    return folder.is_dir() and any((folder / n).is_file() for n in TOKENIZER_FILES)
 
 
 def _train_tokenizer(texts: Sequence[str], tiny: TinyLLMConfig, where: str) -> PreTrainedTokenizerBase:
@@ -604,7 +604,7 @@ def _tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, str] | Non
                     files[path.name] = path.read_text(encoding="utf-8")
                 except UnicodeDecodeError:
                     continue
-    return files if any(name in files for name in _TOKENIZER_FILES) else None
+    return files if any(name in files for name in _TEXT_VOCABULARIES) else None
 
 
 def _tokenizer_from_files(files: dict[str, str]) -> PreTrainedTokenizerBase:

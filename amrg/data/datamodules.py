@@ -29,6 +29,7 @@ __all__ = [
     "MIMICCXRDataModule",
     "ReportDataModule",
     "SyntheticDataModule",
+    "datamodule_from_recipe",
 ]
 
 log = logging.getLogger(__name__)
@@ -298,3 +299,20 @@ class SyntheticDataModule(ReportDataModule):
             synthesize(self.data_dir, n=self.n, seed=self.seed, image_size=self.hparams.image_size,
                        two_view_prob=self.two_view_prob)
         super().prepare_data()
+
+
+def datamodule_from_recipe(data_yaml: Path, **overrides: object) -> ReportDataModule:
+    """The ``data:`` block of a recipe file (``configs/<dataset>/data.yaml``), built as ``amrg fit`` builds it.
+
+    Args:
+        data_yaml: the YAML file holding the ``data`` block (``class_path`` + ``init_args``).
+        **overrides: ``init_args`` to replace (e.g. ``root=``, ``num_workers=0``).
+    """
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    block = yaml.safe_load(Path(data_yaml).read_text(encoding="utf-8"))["data"]
+    block["init_args"] = {**block.get("init_args", {}), **overrides}
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(ReportDataModule, "data")
+    return parser.instantiate(parser.parse_object({"data": block})).data

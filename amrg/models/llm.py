@@ -56,6 +56,7 @@ __all__ = [
     "LoRAConfig",
     "ReportPrompt",
     "SpecialTokenIds",
+    "TOKENIZER_FILES",
     "apply_lora",
     "build_generation_inputs",
     "build_inputs",
@@ -86,7 +87,7 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 # Files that hold a tokenizer's vocabulary: fast (tokenizer.json), sentencepiece (Llama-2's
 # tokenizer.model) or byte-level BPE (Qwen's vocab.json + merges.txt).
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def _resolve_dtype(dtype: DType | torch.dtype) -> torch.dtype:
@@ -178,14 +179,14 @@ def load_causal_lm(
     if not path.is_dir():
         raise FileNotFoundError(
             f"LLM folder '{path}' not found: expected a local folder with config.json, the model weights "
-            f"and tokenizer files ({' or '.join(_TOKENIZER_FILES)}), as written by save_pretrained; "
+            f"and tokenizer files ({' or '.join(TOKENIZER_FILES)}), as written by save_pretrained; "
             "models are never downloaded at run time"
         )
     problems = []
     if not (path / "config.json").is_file():
         problems.append("config.json is missing")
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        problems.append(f"no tokenizer file ({', '.join(_TOKENIZER_FILES)})")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        problems.append(f"no tokenizer file ({', '.join(TOKENIZER_FILES)})")
     if problems:
         raise FileNotFoundError(
             f"LLM folder '{path}' is incomplete: {'; '.join(problems)} "
