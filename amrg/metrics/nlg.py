@@ -31,7 +31,7 @@ from torch import Tensor
 
 from amrg.metrics._gather import ReportTextMetric
 
-__all__ = ["NLG_KEYS", "NLGScores", "nlg_scores", "normalise_text"]
+__all__ = ["NLG_KEYS", "NLGScores", "close_meteor", "meteor_scorer", "nlg_scores", "normalise_text"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def normalise_text(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def _meteor_scorer() -> Meteor:
+def meteor_scorer() -> Meteor:
+    """pycocoevalcap's METEOR scorer (starts the jar's JVM; stop it with :func:`close_meteor`)."""
     if shutil.which("java") is None:
         raise RuntimeError(
             "METEOR needs a Java runtime ('java' on PATH) to run pycocoevalcap's meteor-1.5.jar; "
@@ -53,7 +54,8 @@ def _meteor_scorer() -> Meteor:
     return Meteor()
 
 
-def _close_meteor(scorer: Meteor) -> None:
+def close_meteor(scorer: Meteor) -> None:
+    """Stop the JVM of a scorer from :func:`meteor_scorer`."""
     # pycocoevalcap 1.2 only stops the JVM in __del__; stop it now so each compute owns one JVM.
     proc = getattr(scorer, "meteor_p", None)
     if proc is None:
@@ -95,11 +97,11 @@ def nlg_scores(hypotheses: Sequence[str], references: Sequence[str], meteor: boo
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     out.update({f"bleu{n}": float(b) for n, b in enumerate(bleu, start=1)})
     if meteor:
-        scorer = _meteor_scorer()
+        scorer = meteor_scorer()
         try:
             out["meteor"] = float(scorer.compute_score(gts, res)[0])
         finally:
-            _close_meteor(scorer)
+            close_meteor(scorer)
     out["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
     out["cider"] = float(Cider().compute_score(gts, res)[0])
     return out
