@@ -376,7 +376,7 @@ def run_demo(
     )
 
     _logger.info("[5/5] results: scoring the full model and the baselines on the test split")
-    from amrg.metrics.labeler import CheXpertLabeler
+    from amrg.labeling.chexpert import CheXpertLabeler
 
     overrides = {"num_workers": 0, "augment": False}
     if data == "synthetic":

@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 
-from amrg.metrics.labeler import CheXpertLabeler
+from amrg.labeling.chexpert import CheXpertLabeler
 
 _NORMAL = [
     "The heart is normal in size.",

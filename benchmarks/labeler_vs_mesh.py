@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from amrg.data.iu_reports import load_reports, mesh_labels
+from amrg.labeling.chexpert import CheXpertLabeler
 from amrg.labels import LABELS
-from amrg.metrics.labeler import CheXpertLabeler
 
 
 def main(argv: list[str] | None = None) -> int:

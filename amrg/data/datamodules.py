@@ -118,7 +118,7 @@ class ReportDataModule(L.LightningDataModule):
 
     @staticmethod
     def _compute_labels(studies: list[Study]) -> dict[str, list[int | None]]:
-        from amrg.metrics.labeler import CheXpertLabeler  # the data layer never imports models
+        from amrg.labeling.chexpert import CheXpertLabeler  # the data layer never imports models
 
         rank_zero_info(f"labelling {len(studies)} reports without labels with the CheXpert labeler")
         labels = CheXpertLabeler().label_batch([s.report for s in studies], progress=True)

@@ -133,7 +133,7 @@ def iu_synthesize(
         FileNotFoundError: ``reports`` does not exist.
         ValueError: an unreadable or wrong ``reports`` file, a refused ``out``, or a bad image size.
     """
-    from amrg.metrics.labeler import CheXpertLabeler  # imports torch: only when the command runs
+    from amrg.labeling.chexpert import CheXpertLabeler  # imports torch: only when the command runs
 
     out, reports = Path(out), Path(reports)
     if image_size < 16:

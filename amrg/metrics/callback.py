@@ -65,7 +65,7 @@ class ReportMetricsCallback(L.Callback):
         meteor: score METEOR (one JVM per epoch on rank 0; needs Java on PATH).
         ce: score clinical efficacy with ``labeler``.
         labeler: reads the 14 CheXpert labels off reports; ``None`` builds
-            ``amrg.metrics.labeler.CheXpertLabeler()`` when first needed.
+            ``amrg.labeling.CheXpertLabeler()`` when first needed.
         every_n_val_epochs: while fitting, score every n-th validation run only (the others generate
             reports but are not scored or logged). With n > 1 a ``ModelCheckpoint`` monitoring one of
             these names needs ``every_n_epochs=n`` too. ``trainer.validate`` and ``trainer.test``

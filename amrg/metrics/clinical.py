@@ -66,7 +66,7 @@ LabelRow = list[int | None]
 
 @runtime_checkable
 class ReportLabeler(Protocol):
-    """Anything that reads the 14 CheXpert labels off reports (e.g. ``amrg.metrics.labeler.CheXpertLabeler``)."""
+    """Anything that reads the 14 CheXpert labels off reports (e.g. ``amrg.labeling.CheXpertLabeler``)."""
 
     # Annotated `Any` on purpose: jsonargparse (which builds `labeler` from a config's class_path) only
     # accepts an implementation whose annotations equal the protocol's exactly, unless they are Any.
@@ -202,7 +202,7 @@ class ClinicalEfficacy(ReportTextMetric):
 
     Args:
         labeler: reads labels off reports (any object with ``label_batch``). ``None`` builds
-            ``amrg.metrics.labeler.CheXpertLabeler()`` (rule-based, offline) at the first
+            ``amrg.labeling.CheXpertLabeler()`` (rule-based, offline) at the first
             ``compute``, on rank 0 only.
     """
 
@@ -214,7 +214,7 @@ class ClinicalEfficacy(ReportTextMetric):
 
     def _get_labeler(self) -> ReportLabeler:
         if self.labeler is None:
-            from amrg.metrics.labeler import CheXpertLabeler  # heavy; only needed on the scoring rank
+            from amrg.labeling.chexpert import CheXpertLabeler  # heavy; only needed on the scoring rank
 
             self.labeler = CheXpertLabeler()
             log.info("ClinicalEfficacy: built the default labeler %s", type(self.labeler).__name__)

@@ -252,7 +252,7 @@ def test_table_labeler_satisfies_protocol():
 def test_default_labeler_is_built_lazily():
     metric = ClinicalEfficacy()
     assert metric.labeler is None  # nothing imported or built at construction
-    labeler_module = pytest.importorskip("amrg.metrics.labeler")
+    labeler_module = pytest.importorskip("amrg.labeling.chexpert")
     metric.update(["a"], ["Mild cardiomegaly."], ["The heart is enlarged."])
     got = metric.compute()
     assert isinstance(metric.labeler, labeler_module.CheXpertLabeler)

@@ -1,19 +1,18 @@
-"""Tests for amrg.metrics.labeler: the rule-based CheXpert labeler and the CheXbert labeler."""
+"""Tests for amrg.labeling.chexpert: the rule-based CheXpert labeler."""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 import random
 import time
 
 import pytest
 import torch
 
+from amrg.labeling.chexpert import CheXpertLabeler
+from amrg.labeling.text import clean_text
 from amrg.labels import LABELS, NUM_LABELS, label_index
-from amrg.metrics.labeler import DEFAULT_PHRASES, CheXpertLabeler, clean_text
 
 # sample_reports.csv / labeled_reports.csv of the CheXpert labeler (stanfordmlgroup/chexpert-labeler,
 # MIT licence): 4 reports and the labels the original tool gives them. Column order is the original's,
@@ -332,14 +331,6 @@ def test_batch_tensor_and_annotate(labeler: CheXpertLabeler) -> None:
     assert text[mentions[0].start : mentions[0].end] == "effusion"
 
 
-def test_clean_text() -> None:
-    assert clean_text("Effusion/atelectasis  and/or\nPNEUMONIA") == "effusion or atelectasis or pneumonia"
-    assert (
-        clean_text("normal.No effusion,no pneumothorax. 1.5 cm")
-        == "normal. no effusion, no pneumothorax. 1.5 cm"
-    )
-
-
 def test_substring_mode_is_the_original_matching() -> None:
     word, sub = CheXpertLabeler(), CheXpertLabeler(match="substring")
     # The original matches anywhere: "pacer" inside "spacer" is a device there, not here.
@@ -349,144 +340,3 @@ def test_substring_mode_is_the_original_matching() -> None:
         assert sub.label(report) == word.label(report)
     with pytest.raises(ValueError, match="match='regex'"):
         CheXpertLabeler(match="regex")  # type: ignore[arg-type]
-
-
-def test_phrase_file(tmp_path) -> None:
-    data = json.loads(DEFAULT_PHRASES.read_text())
-    assert "Stanford Machine Learning Group" in "\n".join(data["license"])  # MIT notice kept with the copy
-    assert set(data["mention"]) == set(LABELS)
-    custom = tmp_path / "phrases.json"
-    custom.write_text(json.dumps({"mention": {"Pneumothorax": ["ptx"], "No Finding": ["granuloma"]}}))
-    lab = CheXpertLabeler(phrases=custom)
-    assert _labels(lab, "No PTX.") == {"Pneumothorax": 0, "No Finding": 1}
-    assert _labels(lab, "Granuloma.") == {}
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"mention": {"Pneumothorax": ["ptx"], "Lung Cancer": ["tumor"]}}))
-    with pytest.raises(ValueError, match=r"bad\.json.*unknown label 'Lung Cancer'"):
-        CheXpertLabeler(phrases=bad)
-    with pytest.raises(FileNotFoundError, match="missing.json"):
-        CheXpertLabeler(phrases=tmp_path / "missing.json")
-    with pytest.raises(ValueError, match="pre_window"):
-        CheXpertLabeler(pre_window=-1)
-
-
-# ---------------------------------------------------------------------------------------------- CheXbert
-_VOCAB = [
-    "[PAD]",
-    "[UNK]",
-    "[CLS]",
-    "[SEP]",
-    "[MASK]",
-    "no",
-    "pleural",
-    "effusion",
-    "heart",
-    "size",
-    "is",
-    "normal",
-    "mild",
-    "cardio",
-    "##megaly",
-    ".",
-    ",",
-]
-
-
-def _tiny_chexbert(tmp_path, prefix: str = "module.", extra: dict | None = None, drop: str | None = None):
-    """Write a tiny CheXbert checkpoint (f1chexbert layout), config and vocab; return the paths and net."""
-    from transformers import BertConfig, BertModel
-
-    from amrg.metrics.labeler import CheXbertNet
-
-    config = BertConfig(
-        vocab_size=len(_VOCAB),
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-    )
-    config.save_pretrained(tmp_path / "config")
-    (tmp_path / "vocab.txt").write_text("\n".join(_VOCAB) + "\n")
-    net = CheXbertNet(BertModel(config, add_pooling_layer=True))
-    with torch.no_grad():
-        # Head i predicts class i % n_classes whatever the input: a known answer to check the mapping.
-        for i, head in enumerate(net.linear_heads):
-            head.weight.zero_()
-            head.bias.zero_()
-            head.bias[i % head.out_features] = 5.0
-    state = {prefix + k: v for k, v in net.state_dict().items()}
-    state.update(extra or {})
-    if drop is not None:
-        del state[prefix + drop]
-    torch.save({"model_state_dict": state, "epoch": 3}, tmp_path / "chexbert.pth")
-    return tmp_path / "chexbert.pth", tmp_path / "vocab.txt", tmp_path / "config", net
-
-
-def test_chexbert_labeler_maps_classes(tmp_path) -> None:
-    from amrg.metrics.labeler import CheXbertLabeler
-
-    # CheXbert's older checkpoints also hold the position_ids buffer; it is accepted.
-    ckpt, vocab, config, _ = _tiny_chexbert(
-        tmp_path, extra={"module.bert.embeddings.position_ids": torch.arange(64)[None]}
-    )
-    lab = CheXbertLabeler(checkpoint=ckpt, tokenizer=vocab, config=config, batch_size=2, max_length=32)
-    # Classes 0 blank, 1 positive, 2 negative, 3 uncertain; No Finding (head 13) 13 % 2 = 1 positive.
-    expected = [[None, 1, 0, -1][i % 4] for i in range(13)] + [1]
-    reports = ["No pleural effusion.", "Mild cardiomegaly, heart size is normal. " * 30, "", None]
-    rows = lab.label_batch(reports)
-    assert rows[:2] == [expected, expected]
-    assert rows[2] == rows[3] == [None] * NUM_LABELS  # empty reports: no labels, as the rule labeler
-    assert lab.label("normal heart size") == expected
-    t = lab(reports)
-    assert t.shape == (4, NUM_LABELS) and math.isnan(t[0, 0]) and t[0, 1] == 1 and torch.isnan(t[3]).all()
-
-
-def test_chexbert_labeler_matches_the_net(tmp_path) -> None:
-    from amrg.metrics.labeler import CheXbertLabeler, CheXbertNet, load_chexbert_state_dict
-
-    ckpt, vocab, config, _ = _tiny_chexbert(tmp_path)
-    # Random heads this time: the labeler must give the argmax of the net it loaded.
-    state = load_chexbert_state_dict(ckpt)
-    torch.manual_seed(1)
-    for k in [k for k in state if k.startswith("linear_heads")]:
-        state[k] = torch.randn_like(state[k])
-    torch.save(state, tmp_path / "bare.pth")  # a bare state dict without "module." works too
-    lab = CheXbertLabeler(checkpoint=tmp_path / "bare.pth", tokenizer=vocab, config=config / "config.json")
-    assert isinstance(lab.net, CheXbertNet)
-    enc = lab.tokenizer(["No pleural effusion."], return_tensors="pt")
-    with torch.no_grad():
-        logits = lab.net(enc["input_ids"], enc["attention_mask"])
-    want = [[None, 1, 0, -1][int(lg.argmax())] for lg in logits]
-    assert lab.label("No pleural effusion.") == want
-
-
-def test_chexbert_loading_is_strict_and_loud(tmp_path) -> None:
-    from amrg.metrics.labeler import CheXbertLabeler
-
-    ckpt, vocab, config, _ = _tiny_chexbert(
-        tmp_path, drop="linear_heads.13.bias", extra={"module.classifier.weight": torch.zeros(2)}
-    )
-    with pytest.raises(
-        ValueError,
-        match=r"missing keys \['linear_heads.13.bias'\].*unexpected keys "
-        r"\['classifier.weight'\]",
-    ):
-        CheXbertLabeler(checkpoint=ckpt, tokenizer=vocab, config=config)
-    ckpt, vocab, config, _ = _tiny_chexbert(tmp_path)
-    other = tmp_path / "other.json"
-    cfg = json.loads((config / "config.json").read_text())
-    cfg["hidden_size"], cfg["intermediate_size"] = 8, 16
-    other.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="mis-shaped keys"):
-        CheXbertLabeler(checkpoint=ckpt, tokenizer=vocab, config=other)
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
-        CheXbertLabeler(checkpoint=tmp_path / "nope.pth", tokenizer=vocab, config=config)
-    # A tokenizer folder (save_pretrained layout) works like the vocab file.
-    from transformers import BertTokenizerFast
-
-    from amrg.metrics.labeler import _wordpiece_from_vocab
-
-    _wordpiece_from_vocab(BertTokenizerFast, vocab).save_pretrained(tmp_path / "tok")
-    lab = CheXbertLabeler(checkpoint=ckpt, tokenizer=tmp_path / "tok", config=config)
-    assert lab.tokenizer.convert_tokens_to_ids("effusion") == _VOCAB.index("effusion")
