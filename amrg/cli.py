@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 __all__ = ["COMMANDS", "lightning_cli", "main"]
 
@@ -151,6 +152,79 @@ def _demo_handler() -> Callable[..., None]:
     return run
 
 
+# ---- evaluation of prediction files --------------------------------------------------------------
+def eval_predictions(
+    predictions: Path,
+    *,
+    compare: Path | None = None,
+    annotation: Path | None = None,
+    split: Literal["train", "val", "test"] = "test",
+    cleaning: Literal["iu_xray", "mimic_cxr", "none"] | None = None,
+    out: Path | None = None,
+    no_meteor: bool = False,
+    labeler: Literal["chexpert", "chexbert"] = "chexpert",
+    chexbert_weights: Path | None = None,
+    chexbert_tokenizer: Path | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> None:
+    """Score any model's reports: BLEU-1..4, METEOR, ROUGE-L, CIDEr and CE, with bootstrap intervals.
+
+    Predictions are JSONL lines {"id", "report"} (amrg predict-images) or {"id", "hypothesis",
+    "reference"} (the metrics callback). Writes <name>.eval.json and <name>.eval.md into --out or next
+    to the predictions (replacing only files amrg eval wrote) and prints the table. With --compare,
+    also the paired difference A - B of every score with its interval and p-value.
+
+    Args:
+        predictions: system A's predictions JSONL.
+        compare: system B's predictions JSONL (same ids) for the paired comparison A - B.
+        annotation: take the references from this annotation.json instead of each line's "reference".
+        split: the annotation's split to score.
+        cleaning: report cleaning of the annotation's dataset, as its data module: iu_xray (IU X-ray),
+            mimic_cxr (MIMIC-CXR, CheXpert Plus, synthetic) or none; needed with --annotation.
+        out: folder for the results (default: the predictions' folder).
+        no_meteor: skip METEOR (it needs Java).
+        labeler: CE labeler: chexpert (rule-based, offline) or chexbert (needs --chexbert_weights).
+        chexbert_weights: CheXbert weights, chexbert.pth of stanfordmlgroup/CheXbert.
+        chexbert_tokenizer: bert-base-uncased's vocab.txt or tokenizer folder (default: next to the weights).
+        resamples: bootstrap resamples (studies drawn with replacement).
+        seed: seed of the resamples.
+        confidence: interval coverage.
+    """
+    import logging
+
+    from amrg.metrics.eval_report import check_targets, markdown_table, output_paths, write_outputs
+    from amrg.metrics.evaluate import EvalInputError, evaluate_files
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    json_path, md_path = output_paths(predictions, compare, out)
+    given = (predictions, compare, annotation, chexbert_weights, chexbert_tokenizer)
+    inputs = [p for p in given if p is not None]
+    try:
+        check_targets([json_path, md_path], inputs)  # before the slow part
+        result = evaluate_files(
+            predictions,
+            compare=compare,
+            annotation=annotation,
+            split=split,
+            cleaning=cleaning,
+            meteor=not no_meteor,
+            labeler=labeler,
+            chexbert_weights=chexbert_weights,
+            chexbert_tokenizer=chexbert_tokenizer,
+            resamples=resamples,
+            seed=seed,
+            confidence=confidence,
+        )
+        write_outputs(result, json_path, md_path, inputs)
+    except EvalInputError as err:
+        print(f"amrg eval: {err}", file=sys.stderr)
+        sys.exit(1)
+    print(markdown_table(result).split("\n", 1)[1].lstrip("\n"), end="")
+    print(f"\nwrote {json_path} and {md_path}")
+
+
 # The one table of subcommands: name -> (handler, one-line help). Lightning ones have no handler.
 COMMANDS: dict[str, tuple[Callable[..., None] | None, str]] = {
     "fit": (None, "train a model from a config (LightningCLI)"),
@@ -163,6 +237,7 @@ COMMANDS: dict[str, tuple[Callable[..., None] | None, str]] = {
     "data preview": (data_preview, "draw a PNG grid of studies with labels and boxes"),
     "memory build": (_memory_build_handler, "mine Grad-CAM patches and encode reports into memory banks"),
     "predict-images": (_predict_images_handler, "write reports (JSONL) for image files or folders"),
+    "eval": (eval_predictions, "score predictions JSONL: NLG + CE with bootstrap intervals, --compare B"),
     "demo": (_demo_handler, "the whole pipeline offline into one folder, ending with a results table"),
 }
 # Handlers whose modules import torch are built on demand (a factory returns the real command), so
@@ -203,6 +278,24 @@ def _dashes_to_underscores(args: Sequence[str]) -> list[str]:
             key, sep, value = a[2:].partition("=")
             a = "--" + key.replace("-", "_") + sep + value
         out.append(a)
+    return out
+
+
+def _bare_flags(fn: Callable[..., None] | None, args: list[str]) -> list[str]:
+    # jsonargparse wants a value after a bool option (--no_meteor true); a bare --no_meteor means true.
+    import typing
+
+    try:
+        hints = typing.get_type_hints(fn) if fn is not None else {}
+    except (NameError, TypeError):
+        return args
+    flags = {f"--{name}" for name, tp in hints.items() if tp is bool}
+    out = []
+    for i, a in enumerate(args):
+        out.append(a)
+        following = args[i + 1].lower() if i + 1 < len(args) else None
+        if a in flags and following not in ("true", "false", "yes", "no"):
+            out.append("true")
     return out
 
 
@@ -326,9 +419,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from jsonargparse import CLI
 
         _parsing_settings()
+        args = _dashes_to_underscores(argv[1:])
+        fn = target.get(args[0]) if isinstance(target, dict) and args else target
         CLI(
             target,
-            args=_dashes_to_underscores(argv[1:]),
+            args=_bare_flags(fn if callable(fn) else None, args),
             prog=f"amrg {command}",
             as_positional=True,
             parser_mode="omegaconf+",

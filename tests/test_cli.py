@@ -55,6 +55,13 @@ def test_dashed_options_are_accepted() -> None:
         "--image_size", "64", "--two_view_prob=0.5", "x-y"]
 
 
+def test_bare_bool_options_mean_true() -> None:
+    bare = cli._bare_flags(cli.eval_predictions, ["--no_meteor", "p.jsonl", "--seed", "1", "--no_meteor"])
+    assert bare == ["--no_meteor", "true", "p.jsonl", "--seed", "1", "--no_meteor", "true"]
+    given = ["--no_meteor", "false", "p.jsonl"]
+    assert cli._bare_flags(cli.eval_predictions, given) == given
+
+
 def test_data_check_reports_and_fails_on_missing(make_dataset) -> None:
     path = make_dataset()
     ok = _amrg("data", "check", str(path))
