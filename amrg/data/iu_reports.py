@@ -27,17 +27,19 @@ Pneumonia                   Pneumonia
 Atelectasis                 Pulmonary Atelectasis; Atelectasis
 Pneumothorax                Pneumothorax; Hydropneumothorax; Hemopneumothorax
 Pleural Effusion            Pleural Effusion
-Pleural Other               Thickening or Cicatrix with qualifier pleura; Pleura;
-                            Pleural Diseases
+Pleural Other               Thickening, Cicatrix or Calcinosis with qualifier pleura; Pleura;
+                            Pleural Diseases; Pulmonary Fibrosis; Fibrosis (CheXpert's
+                            "fibrosis" is a Pleural Other phrase)
 Fracture                    Fractures, Bone; Rib Fractures
 Support Devices             Catheters, Indwelling; Implanted Medical Device; Tube, Inserted;
                             Medical Device; Stents; Pacemaker, Artificial;
-                            Catheterization, Central Venous
+                            Catheterization, Central Venous; Surgical Instruments and
+                            Sutures (sternotomy wires, surgical clips: post-surgical
+                            hardware, which CheXbert-labelled sets count as devices)
 No Finding                  normal
 ==========================  ============================================================
 
 Not mapped, on purpose: "Pulmonary Congestion" (CheXpert makes congestion an *uncertain* Edema),
-"Surgical Instruments" (mostly sternotomy wires and clips, not in CheXpert's device phrases),
 "Density" (CheXpert's "density" is an other-finding phrase), "Calcified Granuloma" (an
 unmention of Lung Lesion). ``benchmarks/labeler_vs_mesh.py`` measures the offline labeler
 against this mapping.
@@ -105,6 +107,9 @@ MESH_MAP: dict[str, dict[str, Callable[[list[str]], bool]]] = {
         "Cicatrix": _qual("pleura"),
         "Pleura": _any,
         "Pleural Diseases": _any,
+        "Pulmonary Fibrosis": _any,
+        "Fibrosis": _any,
+        "Calcinosis": _qual("pleura"),
     },
     "Fracture": {"Fractures, Bone": _any, "Rib Fractures": _any},
     "Support Devices": {
@@ -115,6 +120,8 @@ MESH_MAP: dict[str, dict[str, Callable[[list[str]], bool]]] = {
         "Stents": _any,
         "Pacemaker, Artificial": _any,
         "Catheterization, Central Venous": _any,
+        "Surgical Instruments": _any,
+        "Sutures": _any,
     },
     "No Finding": {"normal": _any},
 }

@@ -44,12 +44,16 @@ from", "besides", "other than", "otherwise", "with", "there", "due to", "related
 "because", "since". "with" ends a scope because the original's negation of "no X" does not reach
 a noun attached by "with" ("cardiomegaly without edema", "effusion with adjacent atelectasis");
 "there" starts a new clause ("no effusion, there is a pneumothorax"); "otherwise" closes a list
-("small effusion and otherwise normal chest"). Between a pre cue and the first mention it
+("small effusion and otherwise normal chest"), except after a linking verb ("the silhouette is
+otherwise unremarkable"). Between a pre cue and the first mention it
 reaches, a copula ("is", "are", "was", "were") also ends the scope, and so does a comma unless it
 follows a single word ("no acute, displaced rib fractures"); conjunctions do not ("normal in size
 and contour", "no evidence for failure or pneumonia"), as the original spreads negation over
 conjuncts. Between the last mention and a post cue, a conjunction is allowed only where the
-mention heads a coordinated subject ("heart size and pulmonary vascularity are normal").
+mention heads a coordinated subject ("heart size and pulmonary vascularity are normal"; "heart size,
+mediastinal silhouette, pulmonary vascularity are normal", where a conjunction precedes the mention
+too), and the ``post_window`` then counts the words after the subject's last conjunction; an active
+verb ("show", "demonstrate", "represent") ends the reach ("monitor leads show normal heart size").
 
 Uncertainty beats negation where the original's rule order says so: "cannot exclude", "not
 excluded", "cannot rule out", "no new", "no evidence to rule out" are pre-negation uncertainty
@@ -75,7 +79,33 @@ Deliberate departures from the original, each for a reason:
   cues here (the brief of amrg's issue); the original has "less likely", "suggestion of" and "X is
   no longer seen". "within normal limits", "upper limits of normal" and "top normal" are single
   cues so that a long subject still reaches them.
-- An empty report (or ``None`` / NaN) gets no labels at all, not No Finding 1.
+- An empty report (or ``None`` / NaN, or one of punctuation and de-identification tokens only) gets
+  no labels at all, not No Finding 1.
+- De-identification tokens (IU X-ray's ``XXXX``, also in "XXXX-A-XXXX") are removed by
+  :func:`~amrg.labeling.text.clean_text`: the report is read as if the unreadable word were not
+  there, so a token can never create, hide or flip a finding ("XXXX opacity" is an opacity, "no
+  XXXX" says nothing, "cannot XXXX exclude" still excludes nothing).
+- "XXX or YYY" makes a label uncertain only when some member of the list does not name it:
+  "pacemaker/defibrillator" is a device either way, "atelectasis or scarring" stays uncertain.
+- Added phrases measured against the MeSH terms of the IU X-ray reports
+  (``benchmarks/labeler_vs_mesh.py``), each a finding of the label by CheXpert's or CheXbert's
+  definition:
+
+  - Support Devices: post-surgical and implanted hardware, which CheXbert-labelled sets count as
+    devices: sternotomy (IU X-ray de-identifies its "wires" as XXXX), sternal / cerclage wires, CABG
+    and bypass grafts, surgical clips, sutures, staples, stents, stimulators, generators, AICDs,
+    ports, leads, electrodes, a line's "tip", prostheses, anchors, fixation, rods, tubing, shunts,
+    tracheostomies and filters; not a breast prosthesis or implant, the "pleural line" of a
+    pneumothorax, "lung lines" (IU X-ray's typo for lung volumes) or the scapular tip.
+  - Pleural Other: "pleural-parenchymal" (hyphenated) and "pleural-peripheral" scarring, apical /
+    pleural capping, fissural thickening, pleural plaques, calcification and abnormality, and
+    "fibrotic" change next to CheXpert's "fibrosis"; "cystic fibrosis" is no fibrosis.
+  - Enlarged Cardiomediastinum: "mediastinal widening / enlargement", "widened mediastinal"; and,
+    unmentioned, "contour" of a rib, hilum, clavicle, ventricle, aorta or diaphragm ("rib contour
+    deformity") and the mediastinum as a place ("clips in the mediastinum", "opacity in the
+    posterior mediastinum"), as the heart is for Cardiomegaly.
+  - Lung Lesion: a thyroid, chest wall, breast or soft tissue "mass" is none.
+  - Cues: "within limits" (IU X-ray's "normal" left out), "nonenlarged", "X is maintained".
 """
 
 from __future__ import annotations
@@ -93,7 +123,7 @@ from amrg.labeling.cues import CONDNEG, NEG, OR, POST, PRE, PRENEG, PSEUDO, SIL,
 from amrg.labeling.phrases import DEFAULT_PHRASES, OTHER, Phrase, PhraseMatcher, load_phrases
 from amrg.labeling.rows import rows_to_tensor
 from amrg.labeling.scope import VERB_AFTER, Gaps, link, negated_before, post_gap_ok, pre_gap_ok
-from amrg.labeling.text import as_text, clean_text
+from amrg.labeling.text import as_text, clean_text, has_content
 from amrg.labels import LABELS, NUM_LABELS
 
 __all__ = ["CheXpertLabeler", "Mention"]
@@ -237,13 +267,18 @@ class CheXpertLabeler:
                         flags[k] |= kind
             if direction & POST:
                 k = bisect.bisect_right(ends, cs) - 1
-                if k >= 0 and post_gap_ok(g, ends[k], cs, self.post_window):
+                if k >= 0 and post_gap_ok(g, ends[k], cs, self.post_window, starts[k]):
                     flags[k] |= kind
                     while not bwd[k] & kind and k > 0 and links[k - 1]:
                         bwd[k] |= kind
                         k -= 1
                         flags[k] |= kind
-        # "XXX or YYY": every member of a list with an "or" in it.
+        # "XXX or YYY": every member of a list with an "or" in it, except for a label that every member
+        # names ("pacemaker or defibrillator" is a device either way).
+        sure: list[frozenset[int]] = [frozenset()] * n
+        cluster_labels: list[set[int]] = [set() for _ in range(n)]
+        for (_, _, _, label), c in zip(found, member):
+            cluster_labels[c].add(label)
         k = 0
         while k < n - 1:
             if not links[k]:
@@ -254,12 +289,16 @@ class CheXpertLabeler:
                 has_or = has_or or links[j] == 2
                 j += 1
             if has_or:
+                common = frozenset(cluster_labels[k]).intersection(*cluster_labels[k + 1 : j + 1])
                 for i in range(k, j + 1):
                     flags[i] |= OR
+                    sure[i] = common
             k = j
         out = []
         for (s, e, phrase, label), c in zip(found, member):
             f = flags[c]
+            if f & OR and label in sure[c]:
+                f &= ~OR
             if f & PRENEG:
                 value = -1
             elif f & NEG:
@@ -288,7 +327,7 @@ class CheXpertLabeler:
             None not mentioned.
         """
         text = clean_text(as_text(report))
-        if not text:
+        if not has_content(text):  # empty, or punctuation and de-identification tokens only
             return [None] * NUM_LABELS
         per_label: list[list[int]] = [[] for _ in range(NUM_LABELS)]
         finding = False

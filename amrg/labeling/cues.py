@@ -130,6 +130,11 @@ _CUES: tuple[tuple[int, int, str], ...] = (
     (NEG, BOTH, r"ruled out"),
     # "normal/unremarkable XXX", "XXX is/appears normal", "XXX within normal limits", "upper limits of normal".
     (NEG, BOTH, r"(?:within|at) (?:the )?(?:upper )?(?:normal limits?|limits? of normal)"),
+    # "within limits" (IU X-ray: "normal" left out) and "nonenlarged cardiomediastinal silhouette".
+    (NEG, BOTH, r"within limits"),
+    (NEG, PRE, r"non-?enlarged"),
+    # "mediastinal contours are maintained".
+    (NEG, POST, r"maintained"),
     (NEG, BOTH, r"upper (?:limits? of )?normal"),
     (NEG, BOTH, r"top(?:-| )?normal"),
     (NEG, BOTH, r"normal"),

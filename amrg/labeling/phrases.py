@@ -17,7 +17,7 @@ from typing import Literal
 from amrg.labeling.text import trie_regex
 from amrg.labels import LABELS, NUM_LABELS
 
-__all__ = ["DEFAULT_PHRASES", "OTHER", "Phrase", "PhraseMatcher", "load_phrases"]
+__all__ = ["DEFAULT_PHRASES", "OTHER", "Found", "Phrase", "PhraseMatcher", "load_phrases"]
 
 # The CheXpert labeler's phrase lists (MIT notice inside), packaged with amrg.
 DEFAULT_PHRASES = Path(__file__).with_name("_phrases") / "chexpert_phrases.json"

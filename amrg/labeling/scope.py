@@ -72,8 +72,28 @@ _VERBS = _COPULAS | frozenset(
         "represents",
         "reflect",
         "reflects",
+        "reveal",
+        "reveals",
     )
 )
+# Verbs with an object: a post cue after one describes the object ("monitor leads show normal heart size").
+_ACTIVE = frozenset(
+    (
+        "show",
+        "shows",
+        "showed",
+        "demonstrate",
+        "demonstrates",
+        "reveal",
+        "reveals",
+        "represent",
+        "represents",
+        "reflect",
+        "reflects",
+    )
+)
+# "X is otherwise normal": after these, "otherwise" ends no scope (it does in "effusion and otherwise normal").
+_LINKING = _COPULAS | frozenset(("appear", "appears", "remain", "remains", "seem", "seems"))
 _TRAILING = ".,;:!?"  # punctuation split off the end of a chunk: "," a conjunction, the rest scope ends
 _LEADING = "([{\"'"
 _SPECIAL = _CONJ_WORDS | _END_WORDS | _VERBS | frozenset(_END_BIGRAMS) | {"as"}
@@ -86,12 +106,23 @@ _COMMA, _AND, _OR_KIND = 0, 1, 2  # kinds of conjunction
 class Gaps:
     """Offsets of the conjunctions, verbs and scope ends of a cleaned text, for gap tests by bisection.
 
-    The text has single spaces (:func:`amrg.labeling.text.clean_text`), so words are counted by counting spaces, and only
-    the chunks between spaces that are special words or carry punctuation are looked at: several times
-    faster than a tokenising regex.
+    The text has single spaces (:func:`amrg.labeling.text.clean_text`), so words are counted by counting
+    spaces, and only the chunks between spaces that are special words or carry punctuation are looked at:
+    several times faster than a tokenising regex.
     """
 
-    __slots__ = ("text", "ends", "conj", "conj_end", "conj_kind", "conj_words", "commas", "copulas", "verbs")
+    __slots__ = (
+        "text",
+        "ends",
+        "conj",
+        "conj_end",
+        "conj_kind",
+        "conj_words",
+        "commas",
+        "copulas",
+        "verbs",
+        "active",
+    )
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -103,6 +134,7 @@ class Gaps:
         self.commas: list[int] = []
         self.copulas: list[int] = []
         self.verbs: list[int] = []
+        self.active: list[int] = []
         p = skip = 0
         for chunk in text.split(" "):
             if skip:  # the rest of "as well as"
@@ -126,11 +158,14 @@ class Gaps:
         elif word in _END_WORDS or (
             word in _END_BIGRAMS and self.text.startswith(_END_BIGRAMS[word], q + len(word) + 1)
         ):
-            self.ends.append(q)
+            if word != "otherwise" or self.text[self.text.rfind(" ", 0, q - 1) + 1 : q - 1] not in _LINKING:
+                self.ends.append(q)
         elif word in _VERBS:
             self.verbs.append(q)
             if word in _COPULAS:
                 self.copulas.append(q)
+            if word in _ACTIVE:
+                self.active.append(q)
         for i in range(len(core), len(chunk)):  # trailing punctuation; a decimal point stays inside core
             if chunk[i] == ",":
                 self._add_conj(p + i, p + i + 1, _COMMA)
@@ -182,20 +217,29 @@ def pre_gap_ok(g: Gaps, a: int, b: int, window: int) -> bool:
     return i == j or (j == i + 1 and g.words(a, g.commas[i]) == 1)
 
 
-def post_gap_ok(g: Gaps, a: int, b: int, window: int) -> bool:
-    """True when a post cue starting at ``b`` reaches a mention ending at ``a`` (at most ``window`` words)."""
-    if g.plain(a, b) > window or g.count(g.ends, a, b):
+def post_gap_ok(g: Gaps, a: int, b: int, window: int, start: int) -> bool:
+    """True when a post cue starting at ``b`` reaches a mention from ``start`` to ``a``: at most ``window``
+    words between, counted from the last conjunction when the mention heads a coordinated subject."""
+    if g.count(g.ends, a, b) or g.count(g.active, a, b):
         return False
     i = bisect.bisect_left(g.conj, a)
     if i == len(g.conj) or g.conj[i] >= b:
-        return True
+        return g.plain(a, b) <= window
     # The mention is one conjunct of the subject: "heart size and pulmonary vascularity are normal",
-    # "heart size, mediastinal contour, and pulmonary vascularity are within normal limits". A comma
-    # alone ("cardiomegaly, lungs are normal") is not enough.
+    # "heart size, mediastinal contour, and pulmonary vascularity are within normal limits", "heart size,
+    # mediastinal silhouette, pulmonary vascularity are normal" (a conjunction before the mention too). A
+    # comma alone ("cardiomegaly, lungs are normal") is not enough, nor a clause inside the list.
     c, c_end = g.conj[i], g.conj_end[i]
     if g.words(a, c) or not g.words(c_end, b):
         return False
-    return g.conj_kind[i] != _COMMA or g.count(g.conj, c_end, b) > 0
+    last = bisect.bisect_left(g.conj, b) - 1
+    if g.count(g.verbs, a, g.conj[last]):
+        return False
+    if g.conj_kind[i] == _COMMA and last == i:
+        j = bisect.bisect_right(g.conj_end, start) - 1
+        if j < 0 or g.words(g.conj_end[j], start):
+            return False
+    return g.plain(g.conj_end[last], b) <= window
 
 
 def link(g: Gaps, a: int, b: int, chain_window: int) -> int:

@@ -8,10 +8,14 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["as_text", "clean_text", "trie_regex"]
+__all__ = ["as_text", "clean_text", "has_content", "trie_regex"]
 
 # "a/b" (-> "a or b") and punctuation glued to the next word ("normal.no" -> "normal. no").
 _SPACING = re.compile(r"(?<=[a-z])/(?=[a-z])|(?<=[.,;:!?])(?=[^\W\d_])")
+# A de-identification token: IU X-ray's "XXXX" and any hyphenated word that holds one ("XXXX-A-XXXX",
+# "x-XXXX"), lower-cased. The labeler reads the report as if it were not there (see clean_text).
+_DEID = re.compile(r"[\w-]*\bx{3,}\b[\w-]*")
+_WORD = re.compile(r"[^\W_]")
 
 
 def as_text(report: Any) -> str:
@@ -26,11 +30,20 @@ def as_text(report: Any) -> str:
 def clean_text(report: str) -> str:
     """Normalise a report as the CheXpert labeler's loader does: lower case, ``and/or`` -> ``or``,
     ``a/b`` -> ``a or b``, a space after punctuation glued to a word, single spaces; plus ``vs.`` ->
-    ``vs`` so that the abbreviation ends no sentence."""
+    ``vs`` so that the abbreviation ends no sentence, and de-identification tokens (IU X-ray's
+    ``XXXX``) removed, so that one can never create, hide or flip a finding: the report is read as if the
+    unreadable word were not there."""
     text = report.lower().replace("and/or", "or")
     text = _SPACING.sub(_spacing, text)
+    if "xxx" in text:
+        text = _DEID.sub(" ", text)
     text = " ".join(text.split())
     return text.replace("vs.", "vs")
+
+
+def has_content(text: str) -> bool:
+    """True when a cleaned report holds a letter or digit (not only punctuation)."""
+    return _WORD.search(text) is not None
 
 
 def _spacing(m: re.Match[str]) -> str:

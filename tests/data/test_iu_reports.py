@@ -57,6 +57,10 @@ def test_mesh_labels_follow_the_table():
     assert mesh_labels(["Thickening/pleura/apex"]) == {"Pleural Other"}
     assert mesh_labels(["Cicatrix/pleura"]) == {"Lung Opacity", "Pleural Other"}
     assert mesh_labels(["Markings/lung/interstitial"]) == {"Lung Opacity"}
+    # CheXpert's definitions: post-surgical hardware is a support device, "fibrosis" is Pleural Other
+    assert mesh_labels(["Surgical Instruments/mediastinum", "Sutures"]) == {"Support Devices"}
+    assert mesh_labels(["Pulmonary Fibrosis/apex", "Calcinosis/pleura/multiple"]) == {"Pleural Other"}
+    assert mesh_labels(["Calcinosis/aorta"]) == set()
     # unmapped on purpose
     assert (
         mesh_labels(["Pulmonary Congestion", "Calcified Granuloma/lung", "Density", "No Indexing"]) == set()

@@ -172,6 +172,153 @@ def test_unmention(labeler: CheXpertLabeler) -> None:
     assert _labels(labeler, "Opacity behind the heart.") == {"Lung Opacity": 1}
 
 
+@pytest.mark.parametrize(
+    ("report", "expected"),
+    [
+        # Post-surgical and implanted hardware: Support Devices, as in CheXbert-labelled sets. IU X-ray
+        # de-identifies "wires" as XXXX, so "sternotomy" itself has to say it.
+        ("Intact sternotomy wires.", {"Support Devices": 1, "No Finding": 1}),
+        ("Sternotomy XXXX and mediastinal clips from prior CABG.", {"Support Devices": 1, "No Finding": 1}),
+        ("Status post coronary artery bypass grafting.", {"Support Devices": 1, "No Finding": 1}),
+        ("Cholecystectomy clips in the right upper quadrant.", {"Support Devices": 1, "No Finding": 1}),
+        ("Vagal nerve stimulator overlying the left chest.", {"Support Devices": 1, "No Finding": 1}),
+        ("Right chest port with its tip in the SVC.", {"Support Devices": 1, "No Finding": 1}),
+        ("Coronary artery stents.", {"Support Devices": 1, "No Finding": 1}),
+        ("Cardiac pacing leads in stable position.", {"Support Devices": 1, "No Finding": 1}),
+        ("Prosthetic right shoulder with a bone anchor.", {"Support Devices": 1, "No Finding": 1}),
+        ("VP shunt tubing is seen.", {"Support Devices": 1, "No Finding": 1}),
+        # (the original's no_finding.txt lists "tracheostomy" as an other finding, so No Finding stays blank)
+        ("Tracheostomy in place.", {"Support Devices": 1}),
+        # ... and the usual rules still apply to them.
+        ("Interval removal of the tracheostomy tube.", {"Support Devices": 0, "No Finding": 1}),
+        ("The sternotomy wires have been removed.", {"Support Devices": 0, "No Finding": 1}),
+        # Not devices: breast prostheses, the pleural line of a pneumothorax, the tip of the scapula, a
+        # "port"able film.
+        ("Bilateral breast prostheses.", {"No Finding": 1}),
+        ("No pleural line to suggest pneumothorax.", {"Pneumothorax": 0, "No Finding": 1}),
+        ("Density related to the scapular tip.", {}),
+        ("Portable view of the chest. Lungs clear.", {"No Finding": 1}),
+    ],
+)
+def test_post_surgical_hardware_is_a_support_device(
+    labeler: CheXpertLabeler, report: str, expected: dict[str, int]
+) -> None:
+    assert _labels(labeler, report) == expected
+
+
+def test_or_between_devices_stays_certain(labeler: CheXpertLabeler) -> None:
+    # "a/b" reads "a or b", and "or" makes a list uncertain, but not for a label every member names.
+    assert _labels(labeler, "Left chest wall pacemaker/defibrillator.")["Support Devices"] == 1
+    assert _labels(labeler, "PICC or central line in place.") == {"Support Devices": 1, "No Finding": 1}
+    # Different findings stay uncertain, as the original's "XXX or YYY" rule says.
+    assert _labels(labeler, "Scarring or atelectasis.") == {"Lung Opacity": -1, "Atelectasis": -1}
+    assert _labels(labeler, "Pacemaker or effusion.") == {"Support Devices": -1, "Pleural Effusion": -1}
+
+
+@pytest.mark.parametrize(
+    ("report", "expected"),
+    [
+        ("XXXX opacity.", {"Lung Opacity": 1}),
+        ("No XXXX.", {"No Finding": 1}),
+        ("No XXXX effusion.", {"Pleural Effusion": 0, "No Finding": 1}),
+        ("XXXX effusion.", {"Pleural Effusion": 1}),
+        ("Possible XXXX pneumonia.", {"Pneumonia": -1}),
+        ("Cannot XXXX exclude pneumonia.", {"Pneumonia": -1}),  # a split cue still works
+        ("The XXXX heart is normal in size.", {"Cardiomegaly": 0, "No Finding": 1}),
+        ("Right XXXX-A-XXXX tip in the SVC.", {"Support Devices": 1, "No Finding": 1}),
+        ("XXXX XXXX.", {}),  # nothing but de-identification: an empty report
+    ],
+)
+def test_deidentification_tokens_never_create_or_flip_a_finding(
+    labeler: CheXpertLabeler, report: str, expected: dict[str, int]
+) -> None:
+    assert _labels(labeler, report) == expected
+    assert labeler.label(report) == labeler.label(report.replace("XXXX-A-XXXX", "").replace("XXXX", ""))
+
+
+def test_a_deidentification_token_anywhere_changes_nothing(labeler: CheXpertLabeler) -> None:
+    reports = [
+        "No focal consolidation, pleural effusion, or pneumothorax.",
+        "Findings suggestive of congestive heart failure.",
+        "Patchy opacity in the right lower lobe, concerning for pneumonia.",
+        "Stable cardiomediastinal silhouette. Intact sternotomy wires.",
+        "Heart size, mediastinal silhouette, pulmonary vascularity are within normal limits.",
+    ]
+    for report in reports:
+        words = report.split(" ")
+        want = labeler.label(report)
+        for i in range(len(words) + 1):
+            for token in ("XXXX", "XXXX-A-XXXX", "x-XXXX"):
+                assert labeler.label(" ".join([*words[:i], token, *words[i:]])) == want, (report, i, token)
+
+
+@pytest.mark.parametrize(
+    ("report", "expected"),
+    [
+        # Pleural Other: CheXpert's "pleural parenchymal scar" with a hyphen, apical capping, fissural
+        # thickening, pleural plaques and calcification, fibrotic change; cystic fibrosis is no fibrosis.
+        ("Biapical pleural-parenchymal scarring.", {"Pleural Other": 1, "Lung Opacity": 1}),  # "scar"
+        ("Stable bilateral apical pleural capping.", {"Pleural Other": 1}),
+        ("Mild fissural thickening.", {"Pleural Other": 1}),
+        ("Calcified pleural plaques.", {"Pleural Other": 1}),
+        ("Stable interstitial fibrotic changes.", {"Pleural Other": 1}),
+        ("Changes of cystic fibrosis.", {"No Finding": 1}),
+        # Lung Lesion: a mass outside the lung is none.
+        ("Known thyroid mass.", {"No Finding": 1}),
+        ("Left chest wall mass.", {"No Finding": 1}),
+        # Enlarged Cardiomediastinum: "contour" of a rib, hilum or aorta, and the mediastinum as a place,
+        # are not the cardiomediastinal silhouette.
+        ("Contour deformity of the right 7th rib.", {}),  # "deformity" is an other finding
+        ("Prominent hilar contours.", {}),  # so is "prominen"
+        ("Surgical clips in the mediastinum.", {"Support Devices": 1, "No Finding": 1}),
+        ("Round opacity in the posterior mediastinum.", {"Lung Opacity": 1}),
+        ("Widening of the mediastinum.", {"Enlarged Cardiomediastinum": 1}),
+        ("Mediastinal widening.", {"Enlarged Cardiomediastinum": 1}),
+    ],
+)
+def test_phrases_added_for_iu_xray(labeler: CheXpertLabeler, report: str, expected: dict[str, int]) -> None:
+    assert _labels(labeler, report) == expected
+
+
+@pytest.mark.parametrize(
+    ("report", "expected"),
+    [
+        # A coordinated subject of comma-separated items is reached by a post cue, however long.
+        (
+            "Heart size, mediastinal silhouette, pulmonary vascularity are within normal limits.",
+            {"Cardiomegaly": 0, "Enlarged Cardiomediastinum": 0, "No Finding": 1},
+        ),
+        (
+            "The cardiomediastinal contours, lungs, pleura, osseous structures and visualized upper abdomen "
+            "are normal.",
+            {"Enlarged Cardiomediastinum": 0, "No Finding": 1},
+        ),
+        # "otherwise" after a linking verb ends no scope; after "and" it still does.
+        (
+            "Cardiomediastinal silhouette is otherwise unremarkable.",
+            {"Enlarged Cardiomediastinum": 0, "No Finding": 1},
+        ),
+        ("Small effusion and otherwise normal chest.", {"Pleural Effusion": 1}),
+        # A post cue after a verb with an object describes the object.
+        (
+            "External monitor leads show normal size of the cardiac silhouette.",
+            {"Support Devices": 1, "Cardiomegaly": 0, "No Finding": 1},
+        ),
+        # "within limits" (IU X-ray leaves out "normal"), "nonenlarged", "maintained".
+        (
+            "Heart size and mediastinal contours are within limits.",
+            {"Cardiomegaly": 0, "Enlarged Cardiomediastinum": 0, "No Finding": 1},
+        ),
+        ("Nonenlarged cardiomediastinal silhouette.", {"Enlarged Cardiomediastinum": 0, "No Finding": 1}),
+        ("Mediastinal contours are maintained.", {"Enlarged Cardiomediastinum": 0, "No Finding": 1}),
+    ],
+)
+def test_scope_rules_added_for_iu_xray(
+    labeler: CheXpertLabeler, report: str, expected: dict[str, int]
+) -> None:
+    assert _labels(labeler, report) == expected
+
+
 def test_scope_ends(labeler: CheXpertLabeler) -> None:
     assert _labels(labeler, "No effusion. Large pneumothorax.") == {"Pleural Effusion": 0, "Pneumothorax": 1}
     got = _labels(labeler, "no pneumothorax but there is atelectasis")

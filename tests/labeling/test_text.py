@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from amrg.labeling.text import as_text, clean_text, trie_regex
+from amrg.labeling.text import as_text, clean_text, has_content, trie_regex
 
 
 def test_clean_text() -> None:
@@ -17,6 +17,14 @@ def test_clean_text() -> None:
         == "normal. no effusion, no pneumothorax. 1.5 cm"
     )
     assert clean_text("Effusion vs. atelectasis.") == "effusion vs atelectasis."  # "vs." ends no sentence
+    # De-identification tokens (IU X-ray's XXXX) are read as if they were not there.
+    assert clean_text("Right XXXX-A-XXXX tip, chest x-XXXX. XXXX effusion") == "right tip, chest . effusion"
+    assert clean_text("x-ray of the xxxl") == "x-ray of the xxxl"  # only whole tokens of x's
+
+
+def test_has_content() -> None:
+    assert has_content("no .") and has_content("1.")
+    assert not has_content("") and not has_content(". , ;") and not has_content(clean_text("XXXX. XXXX"))
 
 
 def test_as_text() -> None:
