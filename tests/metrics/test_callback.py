@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -237,3 +238,99 @@ def test_builds_from_cli_arguments():
     assert (callback.meteor, callback.dirpath, callback.every_n_val_epochs) == (False, Path("out"), 2)
     assert type(callback.val_ce.labeler).__name__ == "KeywordLabeler"
     assert "score METEOR (one JVM per epoch" in parser.format_help()  # help text comes from the docstring
+
+
+class _Lines(logging.Handler):
+    """Collects the messages of Lightning's rank-zero console logger."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def console():
+    handler = _Lines()
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # what rank_zero_info writes to
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+def test_metrics_file_says_which_weights_and_labeler_and_console_shows_headline(tmp_path, console):
+    reports = tmp_path / "reports"
+    callback = ReportMetricsCallback(dirpath=reports, meteor=False, labeler=KeywordLabeler())
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)
+    trainer = _trainer(tmp_path, [callback, ckpt], enable_checkpointing=True)
+    trainer.fit(ToyReporter(), train_dataloaders=_loader(), val_dataloaders=_loader())
+    epoch1 = json.loads((reports / "val_metrics_epoch1.json").read_text())
+    assert epoch1["labeler"] == "KeywordLabeler"  # no `name`: the class name
+    record = epoch1["checkpoint"]
+    assert (record["fitting"], record["epoch"], record["global_step"], record["ckpt_path"]) == (
+        True,
+        1,
+        4,
+        None,
+    )
+    # scored before ModelCheckpoint saves this epoch: the last file written is epoch 0's
+    assert Path(record["checkpoint_callbacks"][0]["last_saved"]).name == "epoch=0.ckpt"
+    headline = [line for line in console if line.startswith("[val epoch 1, step 4]")]
+    assert len(headline) == 1, console
+    assert "BLEU-4 1.0000" in headline[0] and "CE micro-F1 1.0000" in headline[0]
+    assert "CIDEr" in headline[0] and "5 reports, labeler KeywordLabeler" in headline[0]
+
+    best = tmp_path / "ckpt" / "epoch=0.ckpt"
+    trainer.test(ToyReporter(), dataloaders=_loader(), ckpt_path=str(best), verbose=False)
+    tested = json.loads((reports / "test_metrics_epoch2.json").read_text())  # named by the trainer's epoch
+    record = tested["checkpoint"]
+    assert (record["ckpt_path"], record["fitting"]) == (str(best), False)
+    assert (record["ckpt_epoch"], record["ckpt_global_step"]) == (0, 2)  # the checkpoint's, not the trainer's
+    assert any(line.startswith("[test epoch=0.ckpt (epoch 0, step 2)] BLEU-4") for line in console), console
+
+
+def test_labelers_by_name(tmp_path):
+    from tests.labeling.test_chexbert import tiny_chexbert
+
+    weights, _, config, _ = tiny_chexbert(tmp_path)
+    (tmp_path / "config.json").write_text((config / "config.json").read_text())  # the tiny BERT's sizes
+    for name, kwargs, expected in (
+        ("chexpert", {}, "chexpert-rules"),
+        ("chexbert", {"chexbert_weights": weights}, "chexbert:chexbert.pth"),
+    ):
+        out = tmp_path / name
+        callback = ReportMetricsCallback(dirpath=out, meteor=False, labeler=name, **kwargs)
+        assert callback.val_ce.labeler is callback.test_ce.labeler  # built once for both stages
+        trainer = _trainer(tmp_path, [callback])
+        results = trainer.validate(ToyReporter(), dataloaders=_loader(), verbose=False)
+        summary = json.loads((out / "val_metrics_epoch0.json").read_text())
+        assert summary["labeler"] == expected
+        assert summary["metrics"]["val/ce/micro_f1/14/u0"] == pytest.approx(
+            results[0]["val/ce/micro_f1/14/u0"]
+        )
+
+
+def test_named_labeler_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"labeler='chexbert'\) needs chexbert_weights"):
+        ReportMetricsCallback(labeler="chexbert")
+    with pytest.raises(ValueError, match="chexbert_weights/chexbert_tokenizer need labeler='chexbert'"):
+        ReportMetricsCallback(chexbert_weights=tmp_path / "chexbert.pth")
+    with pytest.raises(ValueError, match="labeler='bert'; expected 'chexpert', 'chexbert' or an object"):
+        ReportMetricsCallback(labeler="bert")  # type: ignore[arg-type]
+    # Weights that are not there fail at setup, before any report is generated.
+    callback = ReportMetricsCallback(meteor=False, labeler="chexbert", chexbert_weights=tmp_path / "no.pth")
+    with pytest.raises(FileNotFoundError, match="no.pth not found"):
+        _trainer(tmp_path, [callback]).validate(ToyReporter(), dataloaders=_loader(), verbose=False)
+
+
+def test_named_labeler_from_cli_arguments(tmp_path):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(ReportMetricsCallback, "callback")
+    weights = tmp_path / "chexbert.pth"
+    cfg = parser.parse_args(["--callback.labeler=chexbert", f"--callback.chexbert_weights={weights}"])
+    callback = parser.instantiate(cfg).callback
+    assert callback.val_ce.labeler.name == "chexbert" and Path(callback.val_ce.labeler.weights) == weights
