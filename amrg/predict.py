@@ -25,15 +25,17 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from amrg.data.images import BadImageError, load_image
+from amrg.data.dicom import DICOM_SUFFIXES, has_dicom_marker, is_dicom
+from amrg.data.images import BadImageError, image_problem, load_image
 from amrg.labels import LABELS
 
 __all__ = ["IMAGE_SUFFIXES", "PredictInputError", "StudyFiles", "collect_studies", "predict_images"]
 
 _logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-"""File suffixes read as radiographs (case-insensitive)."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_SUFFIXES)
+"""File suffixes read as radiographs (case-insensitive); a file with another name is read when it is
+DICOM (the ``DICM`` marker at byte 128), e.g. extensionless PACS exports."""
 
 _EXPECTED = (
     "a radiograph image file ("
@@ -56,11 +58,13 @@ class StudyFiles:
 
 
 def _is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
+    return path.suffix.lower() in IMAGE_SUFFIXES or has_dicom_marker(path)
 
 
 def _image_problem(path: Path) -> str | None:
     """Why ``path`` cannot be read as an image, or None when its header and structure are sound."""
+    if is_dicom(path):
+        return image_problem(path)  # the DICOM header check, which says what it expected
     try:
         with Image.open(path) as img:
             img.verify()
@@ -96,7 +100,10 @@ def collect_studies(inputs: Sequence[Path | str], group_views: bool = False) -> 
             ignored = sum(1 for p in path.rglob("*") if p.is_file() and not _is_image_name(p))
             if ignored:
                 _logger.info(
-                    "%s: ignoring %d file(s) without an image suffix %s", path, ignored, IMAGE_SUFFIXES
+                    "%s: ignoring %d file(s) with no image suffix %s and no DICOM marker",
+                    path,
+                    ignored,
+                    IMAGE_SUFFIXES,
                 )
             if not images:
                 problems.append(f"folder '{path}' holds no image files: expected {_EXPECTED}")

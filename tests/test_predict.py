@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from amrg.labels import LABELS
 from amrg.predict import PredictInputError, collect_studies, predict_images
 from tests.checkpoints.test_stage2 import build, save, stage2_files
 from tests.conftest import write_image
+from tests.data.test_dicom import write_dicom
 from tests.models.test_reporter import IMAGE_SIZE
 
 
@@ -107,6 +109,32 @@ def test_a_non_image_file_stops_with_one_message(checkpoint: Path, images: Path,
     assert f"'{broken}' is not a readable image" in message
     assert f"'{images / 'missing.png'}' not found" in message
     assert not out.exists()
+
+
+def test_dicom_files_are_found_by_suffix_or_marker(tmp_path: Path) -> None:
+    stored = np.arange(IMAGE_SIZE * IMAGE_SIZE, dtype=np.uint16).reshape(IMAGE_SIZE, IMAGE_SIZE)
+    folder = tmp_path / "in"
+    write_dicom(folder / "a.dcm", stored, bits_stored=12)
+    write_dicom(folder / "c.DICOM", stored, bits_stored=12)
+    bare = write_dicom(folder / "sub" / "IM0001", stored, bits_stored=12)  # a PACS export without suffix
+    (folder / "notes").write_text("no suffix, no DICOM marker: ignored")
+    studies = collect_studies([folder])
+    assert [(s.id, [p.name for p in s.paths]) for s in studies] == [
+        ("a", ["a.dcm"]),
+        ("c", ["c.DICOM"]),
+        ("sub/IM0001", ["IM0001"]),
+    ]
+    assert [s.id for s in collect_studies([bare])] == ["IM0001"]
+    frames = write_dicom(tmp_path / "cine.dcm", np.stack([stored, stored]), bits_stored=12, NumberOfFrames=2)
+    with pytest.raises(PredictInputError) as err:
+        collect_studies([bare, frames, folder / "notes"])
+    message = str(err.value)
+    assert message.startswith("cannot predict: 2 problem(s) with the inputs:")
+    assert f"- image {frames} is a multi-frame DICOM (2 frames); expected one radiograph" in message
+    suffixes = "(PNG, JPG, JPEG, BMP, TIF, TIFF, DCM, DICOM)"
+    assert (
+        f"'{folder / 'notes'}' is not an image file: expected a radiograph image file {suffixes}" in message
+    )
 
 
 def test_an_empty_folder_and_duplicate_ids_are_named(tmp_path: Path) -> None:

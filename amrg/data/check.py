@@ -6,9 +6,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from amrg.data.images import image_problem
 from amrg.data.schema import load_annotation
 from amrg.labels import LABELS
 
@@ -55,30 +55,22 @@ class DatasetReport:
                     row += f"{c[1]:>6}/{c[-1]:>5}/{c[0]:>6}/{c[None]:>5}"
                 lines.append(row)
             if any(self.unlabelled.values()):
-                lines.append("studies without labels: " + ", ".join(f"{k}={v}" for k, v in self.unlabelled.items()))
+                lines.append(
+                    "studies without labels: " + ", ".join(f"{k}={v}" for k, v in self.unlabelled.items())
+                )
         return "\n".join(lines)
 
 
-def _readable(path: Path, decode: bool) -> str | None:
-    try:
-        with Image.open(path) as img:
-            if decode:
-                img.load()
-            else:
-                img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        return f"{e}"
-    return None
-
-
-def check_dataset(annotation: Path, image_root: Path | None = None, decode: bool = False,
-                  progress: bool = True) -> DatasetReport:
+def check_dataset(
+    annotation: Path, image_root: Path | None = None, decode: bool = False, progress: bool = True
+) -> DatasetReport:
     """Validate an annotation and every image it names.
 
     Args:
         annotation: the ``annotation.json`` (schema errors raise at once, all listed).
         image_root: folder image paths are relative to (default: the annotation's folder).
-        decode: fully decode each image (slow) instead of checking its header and structure.
+        decode: fully decode each image as training will (slow) instead of checking its header and
+            structure (for DICOM: pixel data present, one frame, a decoder for its transfer syntax).
         progress: show a progress bar over the images.
     """
     ann = load_annotation(annotation)
@@ -97,8 +89,8 @@ def check_dataset(annotation: Path, image_root: Path | None = None, decode: bool
                     where = f"{split} id={study.id!r}: {path}"
                     if not path.is_file():
                         report.missing.append(where)
-                    elif (err := _readable(path, decode)) is not None:
-                        report.unreadable.append(f"{where} ({err})")
+                    elif (err := image_problem(path, decode)) is not None:
+                        report.unreadable.append(f"{split} id={study.id!r}: {err}")
                     bar.update()
                 if study.labels is None:
                     unlabelled += 1

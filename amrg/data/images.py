@@ -1,9 +1,12 @@
 """Reading chest radiographs into normalised RGB tensors.
 
 Any PIL-readable file works: 8-bit grayscale, 16-bit PNG (DICOM exports), RGB/RGBA, palette and
-JPEG. Radiographs are single-channel, so every image is reduced to luminance, scaled to [0, 1],
-resized, replicated to 3 channels and normalised with the ImageNet statistics the Swin backbones
-were trained with.
+JPEG. DICOM files (a ``.dcm``/``.dicom`` name, or any file with the ``DICM`` marker at byte 128)
+are decoded by :mod:`amrg.data.dicom`: Modality LUT or rescale, then the first VOI LUT or window,
+MONOCHROME1 inverted, 12/16-bit and signed data scaled to [0, 1]; compressed transfer syntaxes need
+pydicom's optional decoder plugins. Radiographs are single-channel, so every image is reduced to
+luminance, scaled to [0, 1], resized, replicated to 3 channels and normalised with the ImageNet
+statistics the Swin backbones were trained with.
 """
 
 from __future__ import annotations
@@ -16,7 +19,17 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BadImageError", "load_image", "read_grayscale", "train_augmentation"]
+from amrg.data.dicom import DicomError, check_dicom, is_dicom, read_dicom
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BadImageError",
+    "image_problem",
+    "load_image",
+    "read_grayscale",
+    "train_augmentation",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,17 +39,24 @@ class BadImageError(ValueError):
     """An image is missing, unreadable or of an unsupported kind."""
 
 
-def read_grayscale(path: Path) -> Image.Image:
+def read_grayscale(path: str | Path) -> Image.Image:
     """Read an image file as a PIL "F" (float32) image with values in [0, 1].
 
     8-bit data is divided by 255. Deeper data (16-bit PNG, 32-bit integer) is min-max scaled per
-    image, because DICOM exports often fill only 10-12 of their 16 bits. Alpha is dropped.
+    image, because DICOM exports often fill only 10-12 of their 16 bits. Alpha is dropped. DICOM
+    files go through :func:`amrg.data.dicom.read_dicom`, which knows the stored bits and the window.
 
     Raises:
-        BadImageError: the file is missing, not an image, truncated or of an unsupported mode.
+        BadImageError: the file is missing, not an image, truncated or of an unsupported mode or kind.
     """
+    path = Path(path)
     if not path.is_file():
         raise BadImageError(f"image {path} not found")
+    if is_dicom(path):
+        try:
+            return Image.fromarray(read_dicom(path))  # float32 [H, W] -> mode "F"
+        except DicomError as e:
+            raise BadImageError(str(e)) from None
     try:
         with Image.open(path) as img:
             img.load()
@@ -55,6 +75,37 @@ def read_grayscale(path: Path) -> Image.Image:
         raise BadImageError(f"image {path} is unreadable or corrupt: {e}") from None
 
 
+def image_problem(path: str | Path, decode: bool = False) -> str | None:
+    """Why ``path`` cannot be read as a radiograph, or None when it can.
+
+    Args:
+        path: the image file.
+        decode: decode the pixels as training will (slow) instead of checking the header and
+            structure only (PIL's ``verify``; for DICOM, :func:`amrg.data.dicom.check_dicom`).
+    """
+    path = Path(path)
+    if decode:
+        try:
+            read_grayscale(path)
+        except BadImageError as e:
+            return str(e)
+        return None
+    if not path.is_file():
+        return f"image {path} not found"
+    if is_dicom(path):
+        try:
+            check_dicom(path)
+        except DicomError as e:
+            return str(e)
+        return None
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        return f"image {path} is unreadable or corrupt: {e}"
+    return None
+
+
 def train_augmentation() -> Callable[[Tensor], Tensor]:
     """Mild geometric and exposure jitter for training, on a [1, H, W] image in [0, 1].
 
@@ -63,14 +114,19 @@ def train_augmentation() -> Callable[[Tensor], Tensor]:
     """
     from torchvision.transforms import v2
 
-    return v2.Compose([
-        v2.RandomAffine(degrees=5, translate=(0.03, 0.03), scale=(0.95, 1.05)),
-        v2.ColorJitter(brightness=0.1, contrast=0.1),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomAffine(degrees=5, translate=(0.03, 0.03), scale=(0.95, 1.05)),
+            v2.ColorJitter(brightness=0.1, contrast=0.1),
+        ]
+    )
 
 
-def load_image(path: Path, image_size: int, augment: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """Read, resize, optionally augment, and normalise one view.
+def load_image(
+    path: str | Path, image_size: int, augment: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """Read (any kind :func:`read_grayscale` reads, DICOM included), resize, optionally augment,
+    and normalise one view.
 
     Returns:
         Normalised RGB tensor, [3, image_size, image_size] float32.

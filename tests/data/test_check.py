@@ -1,6 +1,11 @@
-"""`amrg data check`: counts, missing/unreadable images, label distribution."""
+"""`amrg data check`: counts, missing/unreadable images (DICOM too), label distribution."""
+
+import json
+
+import numpy as np
 
 from amrg.data.check import check_dataset
+from tests.data.test_dicom import write_dicom
 
 
 def test_check_finds_missing_and_unreadable(make_dataset) -> None:
@@ -23,3 +28,22 @@ def test_check_finds_missing_and_unreadable(make_dataset) -> None:
 def test_check_clean_dataset_ok(make_dataset) -> None:
     report = check_dataset(make_dataset(), decode=True, progress=False)
     assert report.ok and not report.missing and not report.unreadable
+
+
+def test_check_reads_dicom_and_names_a_bad_one(tmp_path) -> None:
+    stored = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) % 4096
+    write_dicom(tmp_path / "a" / "0.dcm", stored, bits_stored=12)
+    write_dicom(tmp_path / "b" / "IM0001", stored, bits_stored=12)  # extensionless
+    write_dicom(tmp_path / "c" / "0.dcm", np.stack([stored, stored]), bits_stored=12, NumberOfFrames=2)
+    records = [
+        {"id": s, "report": "No effusion.", "image_path": [f"{s}/{name}"]}
+        for s, name in (("a", "0.dcm"), ("b", "IM0001"), ("c", "0.dcm"))
+    ]
+    annotation = tmp_path / "annotation.json"
+    annotation.write_text(json.dumps({"train": records}))
+    for decode in (False, True):
+        report = check_dataset(annotation, decode=decode, progress=False)
+        assert report.unreadable == [
+            f"train id='c': image {tmp_path / 'c' / '0.dcm'} is a multi-frame DICOM (2 frames); "
+            "expected one radiograph"
+        ]

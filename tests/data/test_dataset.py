@@ -1,4 +1,4 @@
-"""ReportDataset and collate: image kinds, views, labels, and bad images named or counted."""
+"""ReportDataset and collate: views, labels, DICOM views, and bad images named or counted."""
 
 import logging
 import math
@@ -10,38 +10,16 @@ import torch
 from PIL import Image
 
 from amrg.data.dataset import ReportDataset, collate_studies
-from amrg.data.images import IMAGENET_MEAN, IMAGENET_STD, BadImageError, load_image, read_grayscale
+from amrg.data.images import BadImageError
 from amrg.data.schema import Study, load_annotation
 from tests.conftest import write_image
+from tests.data.test_dicom import write_dicom
 
 
 def _study(i: str, n_views: int = 1, labels=None) -> Study:
-    return Study(i, "Heart normal. 1. No effusion.", tuple(f"{i}/{v}.png" for v in range(n_views)), "train", labels)
-
-
-@pytest.mark.parametrize("mode", ["L", "I;16", "RGB", "RGBA"])
-def test_image_kinds_become_normalised_rgb(tmp_path: Path, mode: str) -> None:
-    path = write_image(tmp_path / "x.png", size=40, mode=mode)
-    x = load_image(path, image_size=24)
-    assert x.shape == (3, 24, 24) and x.dtype == torch.float32
-    assert torch.isfinite(x).all()
-    # channels are the same luminance, normalised per channel
-    gray = x * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    torch.testing.assert_close(gray[0], gray[1])
-    assert 0.0 <= gray.min() and gray.max() <= 1.0 + 1e-6
-
-
-def test_16bit_png_is_min_max_scaled(tmp_path: Path) -> None:
-    # 12-bit data stored in 16 bits would be nearly black if divided by 65535
-    arr = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)
-    Image.fromarray(arr).save(tmp_path / "d.png")
-    got = np.asarray(read_grayscale(tmp_path / "d.png"))
-    np.testing.assert_allclose(got, arr / 4000.0, rtol=1e-6)
-
-
-def test_jpeg_reads(tmp_path: Path) -> None:
-    Image.fromarray(np.full((20, 20), 128, np.uint8)).save(tmp_path / "x.jpg")
-    assert load_image(tmp_path / "x.jpg", 16).shape == (3, 16, 16)
+    return Study(
+        i, "Heart normal. 1. No effusion.", tuple(f"{i}/{v}.png" for v in range(n_views)), "train", labels
+    )
 
 
 def test_views_masks_and_labels(tmp_path: Path) -> None:
@@ -63,6 +41,25 @@ def test_views_masks_and_labels(tmp_path: Path) -> None:
     batch = collate_studies([a, b])
     assert batch.images.shape == (2, 2, 3, 16, 16) and batch.view_mask.shape == (2, 2)
     assert batch.labels.shape == (2, 14) and batch.ids == ["a", "b"] and len(batch) == 2
+
+
+def test_a_two_view_dicom_study_reads_as_its_png_twin(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    frontal = rng.integers(0, 4096, size=(40, 36)).astype(np.uint16)
+    frontal[0, 0], frontal[-1, -1] = 0, 4095  # full 12-bit range: the PNG's min-max scaling is /4095 too
+    lateral = rng.integers(0, 256, size=(36, 40)).astype(np.uint8)
+    write_dicom(tmp_path / "dcm" / "s1" / "0.dcm", frontal, bits_stored=12)
+    write_dicom(tmp_path / "dcm" / "s1" / "1.dcm", 255 - lateral, photometric="MONOCHROME1")
+    (tmp_path / "png" / "s1").mkdir(parents=True)
+    Image.fromarray(frontal).save(tmp_path / "png" / "s1" / "0.png")
+    Image.fromarray(lateral, mode="L").save(tmp_path / "png" / "s1" / "1.png")
+    report = "Heart normal. No effusion."
+    dcm = ReportDataset([Study("s1", report, ("s1/0.dcm", "s1/1.dcm"), "test")], tmp_path / "dcm", 16)
+    png = ReportDataset([Study("s1", report, ("s1/0.png", "s1/1.png"), "test")], tmp_path / "png", 16)
+    a, b = dcm[0], png[0]
+    assert a["images"].shape == (2, 3, 16, 16) and a["view_mask"].tolist() == [True, True]
+    torch.testing.assert_close(a["images"], b["images"], atol=1e-4, rtol=0)
+    assert collate_studies([a]).images.shape == (1, 2, 3, 16, 16)
 
 
 def test_missing_image_names_study_and_file(tmp_path: Path) -> None:
