@@ -246,6 +246,7 @@ class ReportGenerator(nn.Module):
 
         self.visual_provenance: list[dict[str, Any]] = [dict(r) for r in visual_provenance]
         self.report_provenance: list[dict[str, Any]] = [dict(r) for r in report_provenance]
+        self._label_cache: dict[str, tuple[list[dict[str, Any]], Tensor]] = {}
         self.build_record: dict[str, Any] | None = None
         """How the parts were assembled, as plain data (set by :mod:`amrg.checkpoints.stage2`); a stage-2
         checkpoint stores it so the network can be rebuilt from the checkpoint alone."""
@@ -347,6 +348,71 @@ class ReportGenerator(nn.Module):
             rest = token_mask.new_ones(token_mask.shape[0], 3 * disease.shape[1])  # [B, 3Q]
             prefix_mask = torch.cat([token_mask.bool(), rest.bool()], dim=1)  # [B, N + 3Q]
         return VisualPrefix(prefix, prefix_mask, logits, visual_attention, report_attention)
+
+    # ------------------------------------------------------------------ association
+    def _item_labels(self, memory: MemoryName) -> Tensor:
+        """Label index (CheXbert order) of each memory row, from its provenance; -1 when unknown."""
+        provenance = self.visual_provenance if memory == "visual" else self.report_provenance
+        cached = self._label_cache.get(memory)
+        if cached is None or cached[0] is not provenance:
+            index = {name: i for i, name in enumerate(LABELS)}
+            rows = torch.tensor([index.get(str(r.get("label")), -1) for r in provenance], dtype=torch.long)
+            cached = self._label_cache[memory] = (provenance, rows)
+        return cached[1]
+
+    def association_loss(self, visual: VisualPrefix, labels: Tensor) -> Tensor:
+        """How far the memories' recall is from the study's findings: mean of -log(matching mass).
+
+        For every study with a positive label (code 1), every memory and every disease query, the
+        matching mass is the share of the query's association weight (averaged over heads, over the
+        memory rows only; the disease-query embeddings in front of the visual memory are left free) that
+        falls on rows stored under one of the study's positive labels. The loss is the mean of
+        -log(mass) over studies, queries and the two memories; 0 means every query recalls only rows of
+        the study's findings. Studies without a positive label, and memories without heads or rows,
+        add nothing.
+
+        Departure from the paper (trained with the report loss alone): on the tiny from-scratch demo
+        model the report loss alone leaves the association weights nearly uniform and the same for
+        every study, so recall does not follow the disease; this auxiliary term, weighted by
+        ``ReporterModule(association_weight=...)``, ties it to the labels. Weight 0 is the paper.
+
+        Args:
+            visual: the output of :meth:`encode` with ``return_attention=True``.
+            labels: the studies' CheXpert codes, [B, 14] (1 positive; 0, -1 and NaN are not).
+
+        Returns:
+            A scalar (0 when nothing counts), differentiable through the retrievers' projections.
+
+        Raises:
+            ValueError: no attention in ``visual``, or labels that are not [B, 14].
+        """
+        if visual.visual_attention is None or visual.report_attention is None:
+            raise ValueError("association_loss needs encode(..., return_attention=True)")
+        batch = visual.prefix.shape[0]
+        if labels.ndim != 2 or labels.shape != (batch, len(LABELS)):
+            raise ValueError(f"labels must be [B={batch}, {len(LABELS)}], got {list(labels.shape)}")
+        positive = labels.to(visual.prefix.device) == 1  # [B, 14]; NaN compares False
+        studies = positive.any(dim=1)  # [B]
+        terms = []
+        for name, attention, skip in (
+            ("visual", visual.visual_attention, visual.logits.shape[1]),
+            ("report", visual.report_attention, 0),
+        ):
+            if attention.shape[1] == 0 or attention.shape[-1] <= skip or not bool(studies.any()):
+                continue
+            rows = attention[..., skip:].float().mean(dim=1)  # [B, Q, M]
+            item_labels = self._item_labels(name).to(rows.device)  # [M]
+            if item_labels.numel() != rows.shape[-1]:
+                raise ValueError(
+                    f"{name} memory: {item_labels.numel()} provenance records for {rows.shape[-1]} slots"
+                )
+            known = item_labels >= 0
+            match = positive[:, item_labels.clamp_min(0)] & known  # [B, M]
+            mass = (rows * match.unsqueeze(1)).sum(-1) / rows.sum(-1).clamp_min(1e-12)  # [B, Q]
+            terms.append(-torch.log(mass[studies].clamp_min(1e-6)).mean())
+        if not terms:
+            return visual.prefix.new_zeros(())
+        return torch.stack(terms).mean()
 
     @staticmethod
     def _pooled(tokens: Tensor, token_mask: Tensor | None, num_queries: int) -> Tensor:

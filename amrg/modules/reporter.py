@@ -43,6 +43,7 @@ __all__ = ["ReporterModule"]
 
 _logger = logging.getLogger(__name__)
 
+
 def _ignore_eval_mode_warning() -> None:
     """Stage 2 keeps the frozen stage-1 network (and a frozen LLM) in eval mode on purpose (no dropout in
     parts that do not train); Lightning >= 2.5 warns about every module in eval mode when fitting starts."""
@@ -73,6 +74,10 @@ class ReporterModule(LightningModule):
             ``amrg.modules._optim.WarmupCosineLR``; paper: cosine); None keeps the LR constant.
         scheduler_interval: step the scheduler every optimiser ``"step"`` or every ``"epoch"``.
         explain_top_k: recalled items per memory that ``predict_step`` returns per study.
+        association_weight: weight of the auxiliary association loss
+            (:meth:`~amrg.models.reporter.ReportGenerator.association_loss`: the memories' recall should
+            fall on items stored under the study's positive labels) added to the report loss; 0 is the
+            paper (report loss only). Logged as ``train/association_loss`` whenever it is on.
     """
 
     def __init__(
@@ -82,11 +87,14 @@ class ReporterModule(LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
         explain_top_k: int = 5,
+        association_weight: float = 0.0,
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self, {"net": net, "optimizer": optimizer, "scheduler": scheduler})
         if explain_top_k < 0:
             raise ValueError(f"explain_top_k must be >= 0, got {explain_top_k}")
+        if not association_weight >= 0:
+            raise ValueError(f"association_weight must be >= 0, got {association_weight}")
         if not isinstance(net, ReportGenerator):
             raise ValueError(f"net must be a ReportGenerator, got {type(net).__name__}")
         self.net = net
@@ -94,6 +102,7 @@ class ReporterModule(LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.explain_top_k = explain_top_k
+        self.association_weight = float(association_weight)
 
     # ------------------------------------------------------------------ run start
     def setup(self, stage: str) -> None:
@@ -150,15 +159,33 @@ class ReporterModule(LightningModule):
     def training_step(self, batch: Batch | None, batch_idx: int) -> Tensor | None:
         if batch is None:  # every study of the batch was skipped (on_bad_image="skip")
             return None
-        loss = self(batch.images, batch.view_mask, batch.reports)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch))
+        size = len(batch)
+        if self.association_weight == 0:
+            loss = self(batch.images, batch.view_mask, batch.reports)
+        else:
+            visual = self.net.encode(batch.images, batch.view_mask, return_attention=True)
+            report_loss = self.net.loss_from_prefix(visual, batch.reports)
+            association = self.net.association_loss(visual, batch.labels)
+            loss = report_loss + self.association_weight * association
+            self.log("train/report_loss", report_loss, on_step=False, on_epoch=True, batch_size=size)
+            self.log("train/association_loss", association, on_step=True, on_epoch=True, batch_size=size)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
         return loss
 
     def _eval_step(self, stage: str, batch: Batch | None) -> dict[str, list[str]]:
         if batch is None:
             return {"ids": [], "hypotheses": [], "references": []}
-        visual = self.net.encode(batch.images, batch.view_mask)
+        association = self.association_weight > 0
+        visual = self.net.encode(batch.images, batch.view_mask, return_attention=association)
         loss = self.net.loss_from_prefix(visual, batch.reports)
+        if association:
+            self.log(
+                f"{stage}/association_loss",
+                self.net.association_loss(visual, batch.labels),
+                on_epoch=True,
+                batch_size=len(batch),
+                sync_dist=True,
+            )
         self.log(
             f"{stage}/loss",
             loss,
@@ -279,4 +306,3 @@ class ReporterModule(LightningModule):
             if name in stored and name not in kwargs and is_plain(stored[name]):
                 kwargs[name] = stored[name]
         return cls(net=net, **kwargs).eval()
-

@@ -429,3 +429,52 @@ def test_pooled_queries_ablation_makes_every_query_the_same(tokenizers) -> None:
     assert not torch.allclose(visual.prefix, reference.prefix)
     with pytest.raises(ValueError, match="queries must be 'disease' or 'pooled'"):
         make_generator(tokenizers["llama"], queries="mean")
+
+
+# --------------------------------------------------------------------------------------------------
+# The auxiliary association loss
+
+
+def test_association_loss_is_minus_log_matching_mass_and_training_it_raises_that_mass(tokenizers) -> None:
+    torch.manual_seed(0)
+    net = make_generator(tokenizers["llama"])
+    images, view_mask = batch()
+    labels = torch.zeros(2, 14)
+    labels[0, LABELS.index(MEMORY_LABELS[0])] = 1
+    labels[1, LABELS.index(MEMORY_LABELS[1])] = 1
+    labels[1, LABELS.index(MEMORY_LABELS[2])] = -1  # uncertain is not positive
+    visual = net.encode(images, view_mask, return_attention=True)
+
+    # By hand: head-mean weights over memory rows, share on rows of the study's positive labels.
+    expected = []
+    for attention, skip, provenance in (
+        (visual.visual_attention, 14, net.visual_provenance),
+        (visual.report_attention, 0, net.report_provenance),
+    ):
+        rows = attention[..., skip:].mean(dim=1)  # [B, Q, M]
+        rows = rows / rows.sum(-1, keepdim=True)
+        match = torch.tensor(
+            [[labels[b, LABELS.index(r["label"])] == 1 for r in provenance] for b in range(2)]
+        )
+        expected.append(-torch.log((rows * match.unsqueeze(1)).sum(-1)).mean())
+    loss = net.association_loss(visual, labels)
+    assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-5)
+
+    # A study without a positive label adds nothing; no positives at all give exactly 0.
+    assert net.association_loss(visual, torch.zeros(2, 14)).item() == 0.0
+    with pytest.raises(ValueError, match=r"labels must be \[B=2, 14\]"):
+        net.association_loss(visual, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="return_attention=True"):
+        net.association_loss(net.encode(images, view_mask), labels)
+
+    # Trained on it alone, the retrievers move their weight onto the matching rows.
+    params = [p for n, p in net.named_parameters() if "retriever" in n and p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    net.train()
+    for _ in range(30):
+        optimizer.zero_grad()
+        net.association_loss(net.encode(images, view_mask, return_attention=True), labels).backward()
+        optimizer.step()
+    net.eval()
+    after = net.association_loss(net.encode(images, view_mask, return_attention=True), labels)
+    assert after.item() < 0.5 * loss.item()

@@ -91,6 +91,29 @@ def test_fit_then_the_checkpoint_alone_reloads_the_module(tmp_path: Path, make_d
     assert_same_network(model.net, reloaded.net)
 
 
+def test_association_weight_adds_the_association_loss_and_logs_both_parts(
+    tmp_path: Path, make_dataset, files: dict[str, Path]
+) -> None:
+    annotation = make_dataset(n={"train": 6, "val": 2, "test": 2})
+    data = ReportDataModule(str(annotation), image_size=32, batch_size=2, num_workers=0, augment=False)
+    model = ReporterModule(build(files), association_weight=0.5)
+    trainer = _trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, data)
+    metrics = trainer.callback_metrics
+    assert {"train/report_loss", "train/association_loss", "val/association_loss"} <= set(metrics)
+    # the training loss is the report loss plus the weighted association loss (epoch means of equal batches)
+    epoch = {k: float(v) for k, v in metrics.items()}
+    assert epoch["train/association_loss_epoch"] > 0
+    expected = epoch["train/report_loss"] + 0.5 * epoch["train/association_loss_epoch"]
+    assert epoch["train/loss_epoch"] == pytest.approx(expected, rel=1e-5)
+    plain = ReporterModule(build(files))
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(plain, data)
+    assert "train/association_loss" not in trainer.callback_metrics  # weight 0: the paper's report loss
+    with pytest.raises(ValueError, match="association_weight must be >= 0"):
+        ReporterModule(build(files), association_weight=-1.0)
+
+
 def test_lightning_cli_builds_the_net_from_the_recipe_and_reloads_without_it(
     files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
