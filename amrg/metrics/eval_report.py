@@ -136,7 +136,8 @@ def markdown_table(result: EvalResult) -> str:
         f"{'`' + result.labeler + '`' if result.labeler else 'none (CE off)'}; METEOR {'on' if result.meteor else 'off'}.  ",
         f"[{pct} CI]: percentile bootstrap over studies, {result.resamples} resamples, seed {result.seed}"
         + (
-            "; p: two-sided paired bootstrap (see the JSON's `bootstrap.p_value`)."
+            f"; p: two-sided paired bootstrap (the JSON's `bootstrap.p_value`), at least "
+            f"2/(R+1) = {2 / (result.resamples + 1):.4f}."
             if result.difference
             else "."
         ),
@@ -193,7 +194,7 @@ def result_json(result: EvalResult) -> dict[str, Any]:
             "seed": result.seed,
             "confidence": result.confidence,
             "interval": "percentile (numpy.quantile, linear) of the resampled scores",
-            "p_value": " ".join(p_definition.split()),
+            "p_value": " ".join(p_definition.replace("::", ":").split()),
             "resampling": dict(RESAMPLING),
         },
         "protocols": protocols,

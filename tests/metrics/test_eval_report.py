@@ -51,6 +51,9 @@ def test_json_records_protocols_bootstrap_and_every_score(result) -> None:
     json.dumps(doc)  # plain JSON
     assert doc["protocols"]["ce14_micro_u0"]["keys"]["f1"] == "ce/micro_f1/14/u0"
     assert doc["protocols"]["ce5_micro_u1"]["keys"]["f1"] == "ce/micro_f1/5/u1"
+    assert doc["bootstrap"]["p_value"].startswith(
+        "- two-sided p-value (percentile-interval inversion): p = min("
+    )
     assert "2 * (min(#{r: d*_r <= 0}, #{r: d*_r >= 0}) + 1) / (R + 1)" in doc["bootstrap"]["p_value"]
     assert doc["bootstrap"]["resampling"]["cider"].startswith("approximation")
     metrics = doc["systems"]["A"]["metrics"]
