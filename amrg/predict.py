@@ -5,11 +5,15 @@ sub-folder of a given folder is one study whose images are its views (IU X-ray: 
 The output is JSONL, one line per study, sorted by id::
 
     {"id": "patient1/frontal", "report": "...", "probabilities": {"Enlarged Cardiomediastinum": 0.03, ...},
-     "explanation": [{"memory": "visual", "source_id": "...", "label": "...", "weight": 0.04},
+     "explanation": [{"memory": "visual", "source_id": "...", "label": "...", "view": 0,
+                      "box": [x0, y0, x1, y1], "image": "...", "weight": 0.04},
                      {"memory": "report", "source_id": "...", "label": "...", "text": "...", "weight": 0.1}]}
 
 ``probabilities`` come from the stage-1 head (CheXbert label order); ``explanation`` lists the memory
-items the report's visual prefix recalled most (see :meth:`ReportGenerator.explain_from_prefix`).
+items the report's visual prefix recalled most (see :meth:`ReportGenerator.explain_from_prefix`), with the
+source view, box and image of a visual patch where the memory recorded them. A stage-1 checkpoint gives
+``{"id", "probabilities"}`` lines. Prediction goes through :class:`amrg.inference.Predictor`, as
+``amrg.load`` does.
 """
 
 from __future__ import annotations
@@ -21,13 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from amrg.data.dicom import DICOM_SUFFIXES, has_dicom_marker, is_dicom
-from amrg.data.images import BadImageError, image_problem, load_image
-from amrg.labels import LABELS
+from amrg.data.images import BadImageError, image_problem
 
 __all__ = ["IMAGE_SUFFIXES", "PredictInputError", "StudyFiles", "collect_studies", "predict_images"]
 
@@ -150,23 +152,6 @@ def collect_studies(inputs: Sequence[Path | str], group_views: bool = False) -> 
     return sorted(studies, key=lambda s: s.id)
 
 
-def _load_batch(
-    studies: Sequence[StudyFiles], image_size: int, max_views: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read a batch of studies: images [B, V, 3, H, W] and view_mask [B, V]."""
-    views = min(max_views, max(len(s.paths) for s in studies))
-    images = torch.zeros(len(studies), views, 3, image_size, image_size)
-    view_mask = torch.zeros(len(studies), views, dtype=torch.bool)
-    for b, study in enumerate(studies):
-        for v, path in enumerate(study.paths[:views]):
-            try:
-                images[b, v] = load_image(path, image_size)  # [3, H, W]
-            except BadImageError as err:
-                raise PredictInputError(f"study {study.id!r}: {err}; expected {_EXPECTED}") from None
-            view_mask[b, v] = True
-    return images, view_mask
-
-
 def predict_images(
     checkpoint: Path,
     inputs: Sequence[Path],
@@ -185,16 +170,18 @@ def predict_images(
 ) -> Path:
     """Write one JSONL line per study with its report, label probabilities and recalled memory items.
 
-    The image size and everything else come from the stage-2 checkpoint alone: it holds the stage-1
-    network, the memories and the tokenizer. Only a base LLM loaded from a folder at training time is
-    read from outside (its folder, or ``llm_path``; the same model, checked by hash).
+    The image size and everything else come from the checkpoint alone: a stage-2 checkpoint holds the
+    stage-1 network, the memories and the tokenizer. Only a base LLM loaded from a folder at training time
+    is read from outside (its folder, or ``llm_path``; the same model, checked by hash). A stage-1
+    checkpoint gives probabilities only.
 
     Args:
-        checkpoint: a stage-2 ``.ckpt`` written by :class:`~amrg.modules.reporter.ReporterModule`.
+        checkpoint: a stage-2 ``.ckpt`` written by :class:`~amrg.modules.reporter.ReporterModule`, or a
+            stage-1 one (:class:`~amrg.modules.classifier.ClassifierModule`).
         inputs: image files and/or folders of images (see :func:`collect_studies`).
         out: the JSONL file to write (parent folders are created).
         batch_size: studies per forward pass.
-        device: torch device, e.g. ``"cpu"`` or ``"cuda"``.
+        device: torch device, e.g. ``"cpu"``, ``"cuda"`` or ``"auto"``.
         top_k_explanations: recalled items per memory and study (0 for none).
         group_views: treat each sub-folder as one multi-view study.
         max_views: views per study kept (the first ones by file name).
@@ -212,13 +199,13 @@ def predict_images(
         FileNotFoundError: the checkpoint does not exist.
         PredictInputError: a missing, non-image or unreadable input (all listed in one message).
     """
-    from amrg.checkpoints.stage2 import load_stage2  # heavy (transformers): import on use
+    from amrg.inference import load  # heavy (transformers): import on use
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(
-            f"stage-2 checkpoint '{checkpoint}' not found: expected the .ckpt that `amrg fit` wrote for "
-            "stage 2"
+            f"checkpoint '{checkpoint}' not found: expected a .ckpt that `amrg fit` wrote for stage 2 (or "
+            "stage 1)"
         )
     if batch_size < 1 or max_views < 1 or top_k_explanations < 0:
         raise ValueError(
@@ -227,10 +214,19 @@ def predict_images(
             f"{top_k_explanations}"
         )
     studies = collect_studies(inputs, group_views=group_views)
-    target = torch.device(device)
-    net = load_stage2(checkpoint, llm_path=llm_path, trust_remote_code=trust_remote_code).to(target).eval()
+    predictor = load(
+        checkpoint,
+        device=device,
+        llm_path=llm_path,
+        trust_remote_code=trust_remote_code,
+    )
     decoding = {"num_beams": num_beams, "min_new_tokens": min_new_tokens, "max_new_tokens": max_new_tokens}
-    _logger.info("predicting %d studies from %s on %s", len(studies), checkpoint, target)
+    if predictor.stage == 1 and any(v is not None for v in decoding.values()):
+        raise ValueError(
+            f"checkpoint '{checkpoint}' is a stage-1 classifier: it writes no report, so --num_beams, "
+            "--min_new_tokens and --max_new_tokens do not apply"
+        )
+    _logger.info("predicting %d studies from %s on %s", len(studies), checkpoint, predictor.device)
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -239,23 +235,22 @@ def predict_images(
     try:
         with tmp.open("w", encoding="utf-8") as handle:
             for batch in tqdm(batches, desc="predict", unit="batch", disable=not progress):
-                images, view_mask = _load_batch(batch, net.image_size, max_views)
-                prediction = net.predict(
-                    images.to(target), view_mask.to(target), top_k=top_k_explanations, **decoding
-                )
-                probabilities = prediction.probabilities.float().cpu().tolist()
-                for study, report, probs, items in zip(
-                    batch, prediction.reports, probabilities, prediction.explanations, strict=True
-                ):
-                    line = {
-                        "id": study.id,
-                        "report": report,
-                        "probabilities": {label: round(p, 6) for label, p in zip(LABELS, probs, strict=True)},
-                        "explanation": [item.as_dict() for item in items],
-                    }
-                    handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+                try:
+                    predictions = predictor.predict_many(
+                        [study.paths for study in batch],
+                        ids=[study.id for study in batch],
+                        batch_size=len(batch),
+                        max_views=max_views,
+                        top_k=top_k_explanations if predictor.stage == 2 else 0,
+                        cam_labels=0,
+                        **decoding,
+                    )
+                except BadImageError as err:
+                    raise PredictInputError(f"{err}; expected {_EXPECTED}") from None
+                for prediction in predictions:
+                    handle.write(json.dumps(prediction.as_dict(), ensure_ascii=False) + "\n")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    _logger.info("wrote %d reports to %s", len(studies), out)
+    _logger.info("wrote %d %s to %s", len(studies), "reports" if predictor.stage == 2 else "predictions", out)
     return out

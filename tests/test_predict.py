@@ -53,7 +53,7 @@ def test_predict_writes_one_jsonl_line_per_study(checkpoint: Path, images: Path,
         assert all(0.0 <= p <= 1.0 for p in line["probabilities"].values())
         assert [e["memory"] for e in line["explanation"]] == ["visual", "visual", "report", "report"]
         for item in line["explanation"]:
-            assert set(item) <= {"memory", "source_id", "label", "text", "weight"}
+            assert set(item) <= {"memory", "source_id", "label", "text", "view", "box", "weight"}
             assert item["source_id"].startswith("train_") and item["label"] in LABELS
             assert 0.0 < item["weight"] <= 1.0
         assert all(isinstance(e["text"], str) for e in line["explanation"] if e["memory"] == "report")
@@ -148,5 +148,16 @@ def test_an_empty_folder_and_duplicate_ids_are_named(tmp_path: Path) -> None:
 
 
 def test_a_missing_checkpoint_is_named(images: Path, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"stage-2 checkpoint '.*nope.ckpt' not found"):
+    with pytest.raises(FileNotFoundError, match=r"checkpoint '.*nope.ckpt' not found: expected a .ckpt"):
         predict_images(tmp_path / "nope.ckpt", [images / "single.png"], tmp_path / "out.jsonl")
+
+
+def test_a_stage1_checkpoint_writes_probabilities(images: Path, tmp_path: Path) -> None:
+    from tests.models.test_reporter import write_stage1_checkpoint
+
+    stage1 = write_stage1_checkpoint(tmp_path / "stage1.ckpt")
+    out = predict_images(stage1, [images / "single.png"], tmp_path / "p.jsonl", progress=False)
+    (line,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert list(line) == ["id", "probabilities"] and list(line["probabilities"]) == list(LABELS)
+    with pytest.raises(ValueError, match="is a stage-1 classifier: it writes no report"):
+        predict_images(stage1, [images / "single.png"], tmp_path / "q.jsonl", max_new_tokens=3)

@@ -25,9 +25,12 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BadImageError",
+    "from_model_input",
+    "grayscale_from_pil",
     "image_problem",
     "load_image",
     "read_grayscale",
+    "to_model_input",
     "train_augmentation",
 ]
 
@@ -37,6 +40,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class BadImageError(ValueError):
     """An image is missing, unreadable or of an unsupported kind."""
+
+
+def grayscale_from_pil(img: Image.Image, source: str = "image") -> Image.Image:
+    """A loaded PIL image as a PIL "F" (float32) image with values in [0, 1] (see :func:`read_grayscale`).
+
+    Args:
+        img: any PIL image (8-bit, 16/32-bit integer, float, RGB(A), palette, ...).
+        source: what to call the image in messages (its file name, or "uploaded image").
+
+    Raises:
+        BadImageError: an unsupported mode.
+    """
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(arr, mode="F")
+    if mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        gray = img.convert("RGB").convert("L") if mode not in ("L", "LA") else img.convert("L")
+        arr = np.asarray(gray, dtype=np.float32) / 255.0
+        return Image.fromarray(arr, mode="F")
+    raise BadImageError(f"{source} has unsupported mode {mode!r}")
 
 
 def read_grayscale(path: str | Path) -> Image.Image:
@@ -60,17 +86,7 @@ def read_grayscale(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            mode = img.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                arr = np.asarray(img, dtype=np.float32)
-                lo, hi = float(arr.min()), float(arr.max())
-                arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-                return Image.fromarray(arr, mode="F")
-            if mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
-                gray = img.convert("RGB").convert("L") if mode not in ("L", "LA") else img.convert("L")
-                arr = np.asarray(gray, dtype=np.float32) / 255.0
-                return Image.fromarray(arr, mode="F")
-            raise BadImageError(f"image {path} has unsupported mode {mode!r}")
+            return grayscale_from_pil(img, f"image {path}")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise BadImageError(f"image {path} is unreadable or corrupt: {e}") from None
 
@@ -131,7 +147,18 @@ def load_image(
     Returns:
         Normalised RGB tensor, [3, image_size, image_size] float32.
     """
-    gray = read_grayscale(path).resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return to_model_input(read_grayscale(path), image_size, augment)
+
+
+def to_model_input(
+    gray: Image.Image, image_size: int, augment: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """Resize a grayscale "F" image in [0, 1], optionally augment it, replicate and normalise it.
+
+    Returns:
+        Normalised RGB tensor, [3, image_size, image_size] float32.
+    """
+    gray = gray.resize((image_size, image_size), Image.Resampling.BILINEAR)
     x = torch.from_numpy(np.asarray(gray, dtype=np.float32).copy()).unsqueeze(0)  # [1, H, W]
     if augment is not None:
         x = augment(x).clamp_(0.0, 1.0)
@@ -139,3 +166,8 @@ def load_image(
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (x - mean) / std
+
+
+def from_model_input(x: Tensor) -> Tensor:
+    """Undo :func:`to_model_input`'s normalisation: a grayscale view in [0, 1], [3, H, W] -> [H, W]."""
+    return (x[0].float() * IMAGENET_STD[0] + IMAGENET_MEAN[0]).clamp(0.0, 1.0)

@@ -251,7 +251,14 @@ def memory_build(
         from amrg.data.dataset import ReportDataset, collate_studies
 
         ckpt = Path(stage1_checkpoint)
-        stage1_info = {"stage1_checkpoint": str(ckpt.resolve()), "stage1_checkpoint_sha256": file_sha256(ckpt)}
+        stage1_info = {
+            "stage1_checkpoint": str(ckpt.resolve()),
+            "stage1_checkpoint_sha256": file_sha256(ckpt),
+            # how the patches were mined and where their images are: the stage-2 checkpoint carries the
+            # manifest, so its Grad-CAM maps and pictures of recalled patches follow the same recipe
+            "cam": asdict(cam),
+            "image_root": str(Path(train_ds.image_root).resolve()),
+        }
         net = load_stage1(ckpt).to(torch_device)
         positive = [s for s in train if s.labels is not None and any(v == 1 for v in s.labels)]
         dataset = ReportDataset(
@@ -278,15 +285,17 @@ def memory_build(
             len(positive),
             cam,
         )
+        image_paths = {s.id: s.image_paths for s in positive}
         visual = mine_visual_memory(
             net,
             loader,
             cam,
             device=torch_device,
-            original_size=_original_size(train_ds.image_root, {s.id: s.image_paths for s in positive}),
+            original_size=_original_size(train_ds.image_root, image_paths),
             total=len(positive),
             progress=progress,
             metadata={**common, **stage1_info},
+            image_path=lambda study_id, view: image_paths[study_id][view],
         )
         before["visual"] = visual.counts()
         visual = visual.sample(

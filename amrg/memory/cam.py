@@ -55,6 +55,7 @@ __all__ = [
     "minmax_normalise",
     "pointing_accuracy",
     "select_patches",
+    "study_cams",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ _CAM_CLASSES: dict[str, str] = {
 
 # Maps a (study id, view index) to the (width, height) in pixels of that view's original image file.
 OriginalSize = Callable[[str, int], tuple[int, int]]
+# Maps a (study id, view index) to that view's image file, relative to the data's image root.
+ImagePath = Callable[[str, int], str]
 
 
 @dataclass(frozen=True)
@@ -437,7 +440,13 @@ class CAMMiner:
             yield pairs[i], features[row], c, s
 
     def _record(
-        self, pair: _Pair, cell: int, score: float, split: str, original_size: OriginalSize | None
+        self,
+        pair: _Pair,
+        cell: int,
+        score: float,
+        split: str,
+        original_size: OriginalSize | None,
+        image_path: ImagePath | None = None,
     ) -> dict:
         p, s = self.config.patch_size, self.input_size
         g = s // p
@@ -447,7 +456,7 @@ class CAMMiner:
         else:
             width, height = (int(v) for v in original_size(pair.source_id, pair.view))
         sx, sy = width / s, height / s
-        return {
+        record = {
             "source_id": pair.source_id,
             "split": split,
             "label": LABELS[pair.label],
@@ -458,6 +467,10 @@ class CAMMiner:
             "image_size": [width, height],
             "cam_score": round(score, 6),
         }
+        if image_path is not None:
+            # where the patch can be cut again from (figures, the web demo), relative to the image root
+            record["image"] = str(image_path(pair.source_id, pair.view))
+        return record
 
     # -------------------------------------------------------------- whole run
     def mine(
@@ -468,6 +481,7 @@ class CAMMiner:
         total: int | None = None,
         progress: bool = True,
         metadata: Mapping[str, Any] | None = None,
+        image_path: ImagePath | None = None,
     ) -> MemoryBank:
         """Mine every positive label (code 1) of every real view of every study in ``batches``.
 
@@ -480,6 +494,8 @@ class CAMMiner:
             total: number of studies, for the progress bar.
             progress: show a tqdm bar (studies).
             metadata: extra JSON facts stored in the bank's metadata.
+            image_path: ``(study id, view) -> image file`` relative to the data's image root, recorded as
+                each record's ``image``; None records no path.
 
         Returns:
             A ``MemoryBank(kind="visual", dim=D)``, unsampled: every kept patch, labels in CheXbert order.
@@ -494,7 +510,7 @@ class CAMMiner:
         def flush(chunk: list[_Pair]) -> None:
             for pair, feature, cell, score in self._process(chunk):
                 feats[pair.label].append(feature)
-                records[pair.label].append(self._record(pair, cell, score, split, original_size))
+                records[pair.label].append(self._record(pair, cell, score, split, original_size, image_path))
 
         bar = tqdm(total=total, desc="grad-cam mining", unit="study", disable=not progress)
         try:
@@ -558,6 +574,7 @@ def mine_visual_memory(
     total: int | None = None,
     progress: bool = True,
     metadata: Mapping[str, Any] | None = None,
+    image_path: ImagePath | None = None,
 ) -> MemoryBank:
     """Grad-CAM ROI mining over ``batches`` into a visual :class:`MemoryBank` (see :meth:`CAMMiner.mine`).
 
@@ -571,12 +588,45 @@ def mine_visual_memory(
         total: number of studies, for the progress bar.
         progress: show a progress bar.
         metadata: extra JSON facts for the bank.
+        image_path: ``(study id, view) -> image file`` relative to the image root, or None.
 
     Returns:
         The unsampled visual bank, [n_l, D] per label.
     """
     with CAMMiner(net, config, device) as miner:
-        return miner.mine(batches, split, original_size, total, progress, metadata)
+        return miner.mine(batches, split, original_size, total, progress, metadata, image_path)
+
+
+def study_cams(
+    net: DiseaseClassifier,
+    views: Tensor,
+    labels: Sequence[int],
+    method: CAMMethod = "gradcam",
+    target_layer: Literal["final_norm", "stem"] = "final_norm",
+) -> Tensor:
+    """CAM maps of one study: each label's logit explained on each view alone, as the memory is mined.
+
+    Args:
+        net: the stage-1 network (restored afterwards: mode, grad flags).
+        views: the study's real views, normalised, [V, 3, H, W] (resized to the encoder input if needed).
+        labels: label indices (CheXbert order) to explain, L values.
+        method: CAM method of the grad-cam package (paper: ``gradcam``).
+        target_layer: ``final_norm`` (paper) or ``stem`` (see :class:`CAMConfig`).
+
+    Returns:
+        Min-max-normalised maps at the encoder input size S, [L, V, S, S] float32 on the CPU.
+    """
+    num_views, num_labels = views.shape[0], len(labels)
+    if num_labels == 0 or num_views == 0:
+        size = int(net.encoder.img_size)
+        return torch.zeros(num_labels, num_views, size, size)
+    # patch_size 1 divides any input size; no patch is selected here, only the maps are wanted
+    config = CAMConfig(patch_size=1, method=method, target_layer=target_layer)
+    index = torch.arange(num_views).repeat(num_labels)  # [L*V]: label-major, every view per label
+    targets = [int(label) for label in labels for _ in range(num_views)]
+    with torch.enable_grad(), CAMMiner(net, config) as miner:
+        maps = miner.cams(miner._to_input_size(views), targets, index)  # [L*V, S, S]
+    return maps.view(num_labels, num_views, *maps.shape[-2:])  # [L, V, S, S]
 
 
 # ---------------------------------------------------------------------------------------------- validity

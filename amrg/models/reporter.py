@@ -80,6 +80,10 @@ class RecalledItem:
         weight: association weight, averaged over heads and disease queries (in [0, 1]).
         slot: row of the item in its memory.
         text: the report text (report memory, when the bank recorded it); None otherwise.
+        view: the view of the source study the patch was cut from (visual memory); None otherwise.
+        box: the patch box ``[x0, y0, x1, y1]`` in pixels of that view's original image (visual memory).
+        image: the source view's file, relative to the memory's ``image_root`` (visual memories built by
+            amrg >= 0.1 with image paths); None when the memory did not record it.
     """
 
     memory: MemoryName
@@ -88,12 +92,22 @@ class RecalledItem:
     weight: float
     slot: int
     text: str | None = None
+    view: int | None = None
+    box: tuple[float, float, float, float] | None = None
+    image: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON form used by ``amrg predict``: memory, source_id, label, text (if any), weight."""
+        """The JSON form used by ``amrg predict-images``: memory, source_id, label, then text, view, box and
+        image where known, then weight."""
         out: dict[str, Any] = {"memory": self.memory, "source_id": self.source_id, "label": self.label}
         if self.text is not None:
             out["text"] = self.text
+        if self.view is not None:
+            out["view"] = self.view
+        if self.box is not None:
+            out["box"] = list(self.box)
+        if self.image is not None:
+            out["image"] = self.image
         out["weight"] = self.weight
         return out
 
@@ -550,7 +564,6 @@ class ReportGenerator(nn.Module):
             for b in range(batch):
                 for value, slot in zip(values[b].tolist(), slots[b].tolist()):
                     record = provenance[slot]
-                    text = record.get("text") if name == "report" else None
                     out[b].append(
                         RecalledItem(
                             memory=name,  # type: ignore[arg-type]
@@ -558,7 +571,7 @@ class ReportGenerator(nn.Module):
                             label=str(record.get("label", "")),
                             weight=float(value),
                             slot=int(slot),
-                            text=text if isinstance(text, str) else None,
+                            **(_visual_fields(record) if name == "visual" else _report_fields(record)),
                         )
                     )
         return out
@@ -591,6 +604,26 @@ class ReportGenerator(nn.Module):
             f"freeze_qformer={self.freeze_qformer}, num_beams={self.num_beams}, "
             f"new_tokens={self.min_new_tokens}-{self.max_new_tokens}"
         )
+
+
+def _report_fields(record: dict[str, Any]) -> dict[str, Any]:
+    text = record.get("text")
+    return {"text": text if isinstance(text, str) else None}
+
+
+def _visual_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """``view``, ``box`` and ``image`` of a visual provenance record, each None when absent or malformed."""
+    view, box, image = record.get("view"), record.get("box"), record.get("image")
+    good_box = (
+        isinstance(box, (list, tuple))
+        and len(box) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+    )
+    return {
+        "view": int(view) if isinstance(view, int) and not isinstance(view, bool) else None,
+        "box": tuple(float(v) for v in box) if good_box else None,
+        "image": image if isinstance(image, str) else None,
+    }
 
 
 class _eval_mode:  # noqa: N801 - used like a function, as torch.no_grad

@@ -133,10 +133,17 @@ def test_memory_build_end_to_end(setup, built, tmp_path):
     assert visual.metadata["cam"]["patch_size"] == 8 and visual.metadata["input_size"] == SIZE
     assert visual.metadata["stage1_checkpoint"] == str(setup["ckpt"].resolve())
     assert visual.metadata["stage1_checkpoint_sha256"] == _sha256(setup["ckpt"])
+    image_root = setup["annotation"].parent
+    assert visual.metadata["image_root"] == str(image_root.resolve())
+    assert visual.metadata["cam"] == visual.metadata["cam"] | {"patch_size": 8, "threshold": 0.5}
+    paths = {rec["id"]: rec["image_path"] for rec in json.loads(setup["annotation"].read_text())["train"]}
     for label in LABELS:
         for rec in visual.provenance(label):
             assert rec["split"] == "train" and rec["image_size"] == [SIZE, SIZE]
             assert 0 <= rec["box"][0] < rec["box"][2] <= SIZE and rec["cam_score"] > 0.5
+            # the patch's source view, relative to the image root: figures cut the patch from it again
+            assert rec["image"] == paths[rec["source_id"]][rec["view"]]
+            assert (image_root / rec["image"]).is_file()
 
     report = MemoryBank.load(
         out / "report_memory", expected_dim=16, expected_kind="report", forbidden_ids=eval_ids
@@ -164,6 +171,9 @@ def test_memory_build_end_to_end(setup, built, tmp_path):
     assert folder.visual.ids() == visual.ids() and len(folder.report) == 10
     build_id = folder.manifest["build_id"]
     assert folder.visual.metadata["build_id"] == folder.report.metadata["build_id"] == build_id
+    # the manifest (which a stage-2 checkpoint carries) says how patches were mined and where images are
+    assert folder.manifest["cam"] == visual.metadata["cam"]
+    assert folder.manifest["image_root"] == str(image_root.resolve())
 
     # same seed, same memories (another CAM batch size): the build is reproducible
     again = tmp_path / "again"

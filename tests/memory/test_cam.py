@@ -19,6 +19,7 @@ from amrg.memory.cam import (
     minmax_normalise,
     pointing_accuracy,
     select_patches,
+    study_cams,
 )
 from amrg.models.classifier import DiseaseClassifier
 from amrg.models.qformer import DiseaseQFormer
@@ -221,6 +222,23 @@ def test_shared_backbone_pass_falls_back_when_the_target_layer_is_not_last(caplo
     assert "not the last step" in caplog.text
     assert torch.allclose(shared, repeated, atol=1e-5)
     assert vars(backbone)["forward_features"] is not original  # our own patch is left in place
+
+
+@pytest.mark.parametrize("target_layer", ["final_norm", "stem"])
+def test_study_cams_give_label_by_view_maps_and_restore_the_network(target_layer):
+    net = _net().train()
+    views = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():  # a caller in inference mode still gets maps: the CAM turns grad on for itself
+        maps = study_cams(net, views, [1, 9, 4], method="layercam", target_layer=target_layer)
+    assert maps.shape == (3, 2, SIZE, SIZE)  # [L, V, S, S]
+    with CAMMiner(net, CAMConfig(patch_size=8, method="layercam", target_layer=target_layer)) as miner:
+        one_by_one = miner.cams(views[[0, 1, 0, 1, 0, 1]], [1, 1, 9, 9, 4, 4])  # label-major, as documented
+    assert torch.allclose(maps.flatten(0, 1), one_by_one, atol=1e-4)
+    assert net.training and all(p.requires_grad for p in net.parameters())
+    assert not net.encoder.cam_target_layer._forward_hooks
+    # a view of another size is resized to the encoder input; no label gives an empty stack
+    assert study_cams(net, torch.randn(1, 3, 48, 48), [2]).shape == (1, 1, SIZE, SIZE)
+    assert study_cams(net, views, []).shape == (0, 2, SIZE, SIZE)
 
 
 # ------------------------------------------------------------------------------------------ mining

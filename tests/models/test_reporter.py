@@ -342,8 +342,16 @@ def test_predict_gives_probabilities_and_ranked_explanations(tokenizers) -> None
                 assert item.source_id == provenance[item.slot]["source_id"]
                 assert item.label == provenance[item.slot]["label"]
         assert all(i.text in REPORTS for i in report) and all(i.text is None for i in visual)
+        # the visual rows' provenance gives the view and the patch box (tiny_banks: view 0, [0, 0, 8, 8])
+        assert all(i.view == 0 and i.box == (0.0, 0.0, 8.0, 8.0) and i.image is None for i in visual)
+        assert all(i.view is None and i.box is None for i in report)
     as_dict = pred.explanations[0][-1].as_dict()
     assert list(as_dict) == ["memory", "source_id", "label", "text", "weight"]
+    visual_dict = pred.explanations[0][0].as_dict()
+    assert list(visual_dict) == ["memory", "source_id", "label", "view", "box", "weight"]
+    assert visual_dict["box"] == [0.0, 0.0, 8.0, 8.0]
+    full = RecalledItem("visual", "s", "Edema", 0.5, 1, view=1, box=(1, 2, 3, 4), image="s/1.png").as_dict()
+    assert list(full) == ["memory", "source_id", "label", "view", "box", "image", "weight"]
     assert list(RecalledItem("visual", "s", "Edema", 0.5, 1).as_dict()) == [
         "memory",
         "source_id",
