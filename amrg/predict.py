@@ -12,8 +12,8 @@ The output is JSONL, one line per study, sorted by id::
 ``probabilities`` come from the stage-1 head (CheXbert label order); ``explanation`` lists the memory
 items the report's visual prefix recalled most (see :meth:`ReportGenerator.explain_from_prefix`), with the
 source view, box and image of a visual patch where the memory recorded them. A stage-1 checkpoint gives
-``{"id", "probabilities"}`` lines. Prediction goes through :class:`amrg.inference.Predictor`, as
-``amrg.load`` does.
+``{"id", "probabilities"}`` lines. With ``figures``, one PNG per study shows the evidence
+(:mod:`amrg.figures`). Prediction goes through :class:`amrg.inference.Predictor`, as ``amrg.load`` does.
 """
 
 from __future__ import annotations
@@ -152,6 +152,13 @@ def collect_studies(inputs: Sequence[Path | str], group_views: bool = False) -> 
     return sorted(studies, key=lambda s: s.id)
 
 
+def _references(annotation: Path) -> dict[str, str]:
+    """Study id -> raw report of every split of an annotation.json (references drawn in the figures)."""
+    from amrg.data.schema import load_annotation
+
+    return {study.id: study.report for study in load_annotation(annotation)}
+
+
 def predict_images(
     checkpoint: Path,
     inputs: Sequence[Path],
@@ -167,13 +174,16 @@ def predict_images(
     llm_path: Path | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    figures: Path | None = None,
+    references: Path | None = None,
+    memory_image_root: Path | None = None,
 ) -> Path:
     """Write one JSONL line per study with its report, label probabilities and recalled memory items.
 
     The image size and everything else come from the checkpoint alone: a stage-2 checkpoint holds the
     stage-1 network, the memories and the tokenizer. Only a base LLM loaded from a folder at training time
     is read from outside (its folder, or ``llm_path``; the same model, checked by hash). A stage-1
-    checkpoint gives probabilities only.
+    checkpoint gives probabilities (and, with ``figures``, Grad-CAM pictures) only.
 
     Args:
         checkpoint: a stage-2 ``.ckpt`` written by :class:`~amrg.modules.reporter.ReporterModule`, or a
@@ -191,12 +201,19 @@ def predict_images(
         llm_path: the base LLM's folder on this machine, when it is not where it was at training time.
         trust_remote_code: allow model code shipped in the LLM folder (never taken from the checkpoint).
         progress: show a progress bar.
+        figures: also write one PNG per study into this folder (``<id>.png``): the views with Grad-CAM
+            overlays of the top predicted labels, the label probabilities, the recalled patches and
+            reports, and the generated report beside the reference (see ``references``).
+        references: an annotation.json whose reports are drawn beside the generated ones in the figures,
+            matched by study id (any split).
+        memory_image_root: the folder the visual memory's source images are relative to, when they moved
+            since the memory was built (default: the folder the build recorded).
 
     Returns:
         ``out``.
 
     Raises:
-        FileNotFoundError: the checkpoint does not exist.
+        FileNotFoundError: the checkpoint (or the references file) does not exist.
         PredictInputError: a missing, non-image or unreadable input (all listed in one message).
     """
     from amrg.inference import load  # heavy (transformers): import on use
@@ -214,11 +231,13 @@ def predict_images(
             f"{top_k_explanations}"
         )
     studies = collect_studies(inputs, group_views=group_views)
+    known = _references(Path(references)) if references is not None else {}
     predictor = load(
         checkpoint,
         device=device,
         llm_path=llm_path,
         trust_remote_code=trust_remote_code,
+        memory_image_root=memory_image_root,
     )
     decoding = {"num_beams": num_beams, "min_new_tokens": min_new_tokens, "max_new_tokens": max_new_tokens}
     if predictor.stage == 1 and any(v is not None for v in decoding.values()):
@@ -239,18 +258,27 @@ def predict_images(
                     predictions = predictor.predict_many(
                         [study.paths for study in batch],
                         ids=[study.id for study in batch],
+                        references=[known.get(study.id) for study in batch],
                         batch_size=len(batch),
                         max_views=max_views,
                         top_k=top_k_explanations if predictor.stage == 2 else 0,
-                        cam_labels=0,
+                        cam_labels=3 if figures is not None else 0,
                         **decoding,
                     )
                 except BadImageError as err:
                     raise PredictInputError(f"{err}; expected {_EXPECTED}") from None
                 for prediction in predictions:
                     handle.write(json.dumps(prediction.as_dict(), ensure_ascii=False) + "\n")
+                    if figures is not None:
+                        from amrg.figures import save_study_figure
+
+                        save_study_figure(
+                            prediction, Path(figures) / f"{prediction.id}.png", predictor.memory_image_root
+                        )
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     _logger.info("wrote %d %s to %s", len(studies), "reports" if predictor.stage == 2 else "predictions", out)
+    if figures is not None:
+        _logger.info("wrote %d figures to %s", len(studies), figures)
     return out

@@ -152,6 +152,56 @@ def test_a_missing_checkpoint_is_named(images: Path, tmp_path: Path) -> None:
         predict_images(tmp_path / "nope.ckpt", [images / "single.png"], tmp_path / "out.jsonl")
 
 
+def test_figures_are_one_png_per_study_with_the_reference(
+    checkpoint: Path, images: Path, tmp_path: Path, make_dataset
+) -> None:
+    annotation = make_dataset(n={"train": 2, "test": 1})  # ids train_000, train_001, test_000
+    write_image(images / "folder" / "train_001" / "0.png", size=IMAGE_SIZE, seed=5)
+    out = predict_images(
+        checkpoint,
+        [images / "folder"],
+        tmp_path / "pred.jsonl",
+        group_views=True,
+        top_k_explanations=2,
+        progress=False,
+        max_new_tokens=4,
+        figures=tmp_path / "figures",
+        references=annotation,
+    )
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert ids == ["a", "sub", "train_001"]
+    pngs = sorted(
+        p.relative_to(tmp_path / "figures").as_posix() for p in (tmp_path / "figures").rglob("*.png")
+    )
+    assert pngs == ["a.png", "sub.png", "train_001.png"]
+
+
+def test_figures_draw_the_reference_known_for_the_study(
+    checkpoint: Path, images: Path, tmp_path: Path, make_dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import amrg.figures
+
+    drawn = {}
+    monkeypatch.setattr(
+        amrg.figures, "save_study_figure", lambda pred, path, root: drawn.setdefault(pred.id, (pred, path))
+    )
+    annotation = make_dataset(n={"train": 2})
+    write_image(images / "folder" / "train_001" / "0.png", size=IMAGE_SIZE, seed=5)
+    predict_images(
+        checkpoint,
+        [images / "folder"],
+        tmp_path / "pred.jsonl",
+        group_views=True,
+        progress=False,
+        max_new_tokens=4,
+        figures=tmp_path / "figures",
+        references=annotation,
+    )
+    assert drawn["train_001"][0].reference == "The heart is normal in size. No pleural effusion. Study 1."
+    assert drawn["a"][0].reference is None and drawn["sub"][1] == tmp_path / "figures" / "sub.png"
+    assert all(len(pred.cams) >= 1 for pred, _ in drawn.values())  # the top labels' Grad-CAM maps
+
+
 def test_a_stage1_checkpoint_writes_probabilities(images: Path, tmp_path: Path) -> None:
     from tests.models.test_reporter import write_stage1_checkpoint
 
