@@ -18,10 +18,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip freeze | grep -iE '^(torch|torchvision)==' > $(VENV)/torch-constraint.txt
-	$(BIN)/pip install --quiet -c $(VENV)/torch-constraint.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c $(VENV)/torch-constraint.txt -e '.[dev,notebook,serve]'
 	touch $@
 
-setup: $(VENV)/.installed  ## create .venv and install amrg with its dev tools
+setup: $(VENV)/.installed  ## create .venv and install amrg with its dev tools, notebook and web-demo extras
 
 lint: setup  ## ruff check
 	$(BIN)/ruff check amrg tests benchmarks

@@ -136,6 +136,25 @@ def _predict_images_handler() -> Callable[..., None]:
     return run
 
 
+# ---- web demo -------------------------------------------------------------------------------------
+def _serve_handler() -> Callable[..., None]:
+    import functools
+    import logging
+
+    from amrg.serve import serve
+
+    @functools.wraps(serve)
+    def run(*args, **kwargs) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        try:
+            serve(*args, **kwargs)
+        except (FileNotFoundError, ImportError, ValueError) as err:
+            print(f"amrg serve: {err}", file=sys.stderr)
+            sys.exit(1)
+
+    return run
+
+
 # ---- demo -----------------------------------------------------------------------------------------
 def _demo_handler() -> Callable[..., None]:
     import functools
@@ -239,10 +258,11 @@ COMMANDS: dict[str, tuple[Callable[..., None] | None, str]] = {
     "predict-images": (_predict_images_handler, "write reports (JSONL) for image files or folders"),
     "eval": (eval_predictions, "score predictions JSONL: NLG + CE with bootstrap intervals, --compare B"),
     "demo": (_demo_handler, "the whole pipeline offline into one folder, ending with a results table"),
+    "serve": (_serve_handler, "web demo of a checkpoint (Gradio): upload views, see report, CAMs, memory"),
 }
 # Handlers whose modules import torch are built on demand (a factory returns the real command), so
 # `amrg --help` and the data commands start fast.
-_FACTORIES = {_memory_build_handler, _predict_images_handler, _demo_handler}
+_FACTORIES = {_memory_build_handler, _predict_images_handler, _demo_handler, _serve_handler}
 
 
 def _handler(name: str) -> Callable[..., None] | None:
