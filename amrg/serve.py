@@ -155,13 +155,27 @@ def build_app(predictor: Predictor, top_k: int = 5, **decoding: Any) -> gr.Block
                     elem_id="probabilities",
                 )
         overlays = gr.Gallery(
-            label="Grad-CAM of the top predicted labels", columns=4, format="png", elem_id="overlays"
+            label="Grad-CAM of the top predicted labels",
+            columns=4,
+            height=340,
+            object_fit="contain",
+            format="png",
+            elem_id="overlays",
         )
         patches = gr.Gallery(
-            label="Recalled visual memory (patch boxes in red)", columns=5, format="png", elem_id="patches"
+            label="Recalled visual memory (patch boxes in red)",
+            columns=5,
+            height=280,
+            object_fit="contain",
+            format="png",
+            elem_id="patches",
         )
         recalled = gr.Dataframe(
-            headers=RECALLED_COLUMNS, label="Recalled memory items", wrap=True, elem_id="recalled"
+            headers=RECALLED_COLUMNS,
+            label="Recalled memory items",
+            wrap=True,
+            column_widths=["8%", "14%", "8%", "12%", "6%", "12%", "40%"],
+            elem_id="recalled",
         )
         button.click(
             run,
