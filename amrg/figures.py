@@ -219,8 +219,8 @@ def study_figure(
 
     Args:
         prediction: what :meth:`amrg.inference.Predictor.predict` returned (with CAMs for the overlays).
-        memory_root: the folder the visual memory's image paths are relative to (default: none; the
-            predictor's ``memory_image_root``).
+        memory_root: the folder the visual memory's image paths are relative to (pass the predictor's
+            ``memory_image_root``); None finds only absolute paths, the rest become placeholders.
         top_labels: CAM overlays for at most this many labels (those of ``prediction.cams``, in order).
         max_patches: recalled visual patches drawn.
         max_reports: recalled reports listed.
