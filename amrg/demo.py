@@ -30,7 +30,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,7 +52,12 @@ DEMO_MARKER = "amrg-demo.json"
 _TINY = {  # seconds-long run of every stage (tests, smoke runs)
     "data": ["--data.init_args.n=40", "--data.init_args.batch_size=4"],
     "stage1": ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"],
-    "stage2": ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"],
+    "stage2": [
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.check_val_every_n_epoch=1",
+    ],
 }
 
 
@@ -66,7 +71,11 @@ class Row:
 
     name: str
     scores: dict[str, float]
+    intervals: dict[str, list[float]]
+    """95 % bootstrap interval [low, high] of each score in :data:`_SCORED`."""
     seconds: float | None = None
+    recall: dict[str, float] = field(default_factory=dict)
+    """Recall agreement of the row's memories (:func:`recall_agreement`); empty for rows without one."""
 
 
 def _configs() -> Path:
@@ -99,13 +108,46 @@ def _prepare_out(out: Path, fresh: bool, settings: dict[str, Any]) -> None:
         marker.write_text(json.dumps({"kind": "amrg demo", "settings": settings}, indent=1) + "\n")
 
 
-_STAGES = ("stage1", "memory", "stage2", "test")
+ABLATIONS: dict[str, str] = {  # configs/ablations/<name>.yaml -> row of the results table
+    "no_visual_memory": "without visual memory",
+    "no_report_memory": "without report memory",
+    "no_memory": "without both memories",
+    "cross_attention": "cross-attention, not Hopfield",
+    "pooled_queries": "pooled tokens, not disease queries",
+}
+"""The ablations ``amrg demo`` trains and tests next to the full model, each from the same stage-1
+checkpoint and memory folder with the same recipe plus one overlay."""
+
+_STAGES = ("stage1", "memory", "stage2", "test", *(f"{a}{t}" for a in ABLATIONS for t in ("", "_test")))
 
 
-def _run_stage(out: Path, name: str, args: list[str], step: str, artifact: Path) -> float:
+def _downstream(name: str) -> tuple[str, ...]:
+    """The stages whose inputs a run of ``name`` changes: everything after the data-wide stages (stage 1,
+    memory), else the test of the model just trained."""
+    if name in ("stage1", "memory"):
+        return _STAGES[_STAGES.index(name) + 1 :]
+    if name == "stage2":
+        return ("test",)
+    return (f"{name}_test",) if name in ABLATIONS else ()
+
+
+def _run_stage(
+    out: Path,
+    name: str,
+    args: list[str],
+    step: str,
+    artifact: Path,
+    log: Path | None = None,
+    threads: int = 0,
+) -> float:
     """Run one ``amrg`` command unless it already finished with the same arguments; return its seconds.
 
-    A stage that runs makes every later stage run too (their inputs changed), by dropping their records.
+    A stage that runs makes the stages that use its output run too (:func:`_downstream`), by dropping
+    their records.
+
+    Args:
+        log: write the command's output there instead of the console (stages that run side by side).
+        threads: torch/OpenMP threads of the command (``OMP_NUM_THREADS``); 0 leaves the default.
     """
     done = out / f"{name}.done.json"
     if done.is_file() and artifact.exists():
@@ -113,14 +155,29 @@ def _run_stage(out: Path, name: str, args: list[str], step: str, artifact: Path)
         if record.get("args") == args:
             _logger.info("%s %s: done before (%s), reused", step, name, done)
             return float(record["seconds"])
-    _logger.info("%s %s: amrg %s", step, name, " ".join(args))
-    for later in _STAGES[_STAGES.index(name) + 1 :]:
+    where = f" (output: {log})" if log is not None else ""
+    _logger.info("%s %s: amrg %s%s", step, name, " ".join(args), where)
+    for later in _downstream(name):
         (out / f"{later}.done.json").unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads > 0 else None
+    command = [sys.executable, "-m", "amrg.cli", *args]
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "amrg.cli", *args], cwd=out, check=False)
+    if log is None:
+        result = subprocess.run(command, cwd=out, check=False, env=env)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w", encoding="utf-8") as sink:
+            result = subprocess.run(
+                command, cwd=out, check=False, env=env, stdout=sink, stderr=subprocess.STDOUT
+            )
     seconds = time.perf_counter() - start
     if result.returncode != 0:
-        raise DemoError(f"{step} {name} failed (exit {result.returncode}): amrg {' '.join(args)}")
+        tail = ""
+        if log is not None:
+            lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+            tail = "; its last lines:\n" + "\n".join(lines[-15:]) + f"\n(whole output: {log})"
+        raise DemoError(f"{step} {name} failed (exit {result.returncode}): amrg {' '.join(args)}{tail}")
+    _logger.info("%s %s: finished in %.0f s", step, name, seconds)
     tmp = done.with_name(done.name + ".tmp")
     tmp.write_text(json.dumps({"args": args, "seconds": round(seconds, 1)}) + "\n", encoding="utf-8")
     os.replace(tmp, done)
@@ -177,21 +234,32 @@ def baseline_reports(
     return {"constant": [constant] * len(test_predictions), "retrieval": retrieval}
 
 
-def _scores(
-    hyps: list[str], refs: list[str], ref_labels: list[list[int | None]], labeler: Any
-) -> dict[str, float]:
-    from amrg.metrics.clinical import ce_key, ce_scores
-    from amrg.metrics.nlg import nlg_scores
+_SCORED = ("bleu4", "cider", "rouge_l", "ce_micro_f1", "ce_macro_f1")
+"""The scores of a row that get a bootstrap interval."""
 
-    nlg = nlg_scores(hyps, refs, meteor=False)
-    ce = ce_scores(labeler.label_batch(hyps), ref_labels)
-    return {
-        "bleu4": nlg["bleu4"],
-        "cider": nlg["cider"],
-        "rouge_l": nlg["rouge_l"],
-        "ce_micro_f1": ce[ce_key("micro", "f1", "14", "u0")],
-        "ce_macro_f1": ce[ce_key("macro", "f1", "14", "u0")],
-        "distinct": len(set(hyps)) / max(1, len(hyps)),
+
+def _scores(
+    hyps: list[str], refs: list[str], ref_labels: list[list[int | None]], labeler: Any, seed: int = 0
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The row's scores on the whole test split, and a 95 % bootstrap interval (1,000 resamples of the
+    test studies, :func:`amrg.metrics.bootstrap.bootstrap_intervals`) for each of :data:`_SCORED`."""
+    from amrg.metrics.bootstrap import bootstrap_intervals
+    from amrg.metrics.clinical import ce_key
+    from amrg.metrics.study_stats import study_stats
+
+    stats = study_stats(hyps, refs, labeler.label_batch(hyps), ref_labels, meteor=False)
+    names = {
+        "bleu4": "bleu4",
+        "cider": "cider",
+        "rouge_l": "rouge_l",
+        "ce_micro_f1": ce_key("micro", "f1", "14", "u0"),
+        "ce_macro_f1": ce_key("macro", "f1", "14", "u0"),
+    }
+    intervals = bootstrap_intervals(stats, resamples=1000, seed=seed)
+    scores = {name: float(intervals[key].value) for name, key in names.items()}
+    scores["distinct"] = len(set(hyps)) / max(1, len(hyps))
+    return scores, {
+        name: [float(intervals[key].low), float(intervals[key].high)] for name, key in names.items()
     }
 
 
@@ -227,7 +295,8 @@ def recall_agreement(net, loader, top_k: int = 5) -> dict[str, float]:
     computed exactly rather than sampled.
 
     Returns:
-        ``{"report", "report_random", "visual", "visual_random"}``, means over those studies.
+        ``{"report", "report_random", "visual", "visual_random"}``, means over those studies; a memory
+        that recalls nothing (``NoRetriever``) has no keys.
     """
     import torch
 
@@ -239,6 +308,7 @@ def recall_agreement(net, loader, top_k: int = 5) -> dict[str, float]:
     }
     sums = dict.fromkeys(("report", "report_random", "visual", "visual_random"), 0.0)
     studies = 0
+    recalls: set[str] = set()
     with torch.no_grad():
         for batch in loader:
             if batch is None:
@@ -253,29 +323,37 @@ def recall_agreement(net, loader, top_k: int = 5) -> dict[str, float]:
                 studies += 1
                 for kind in ("visual", "report"):
                     mine = [item for item in recalled if item.memory == kind]
+                    if mine:
+                        recalls.add(kind)
                     sums[kind] += sum(item.label in positive for item in mine) / max(1, len(mine))
                     stored = label_of[kind]
                     sums[f"{kind}_random"] += sum(label in positive for label in stored) / max(1, len(stored))
-    return {key: value / max(1, studies) for key, value in sums.items()}
+    return {key: value / max(1, studies) for key, value in sums.items() if key.split("_")[0] in recalls}
 
 
-def _table(rows: list[Row], stage1_f1: float, recall: dict[str, float]) -> str:
+def _table(rows: list[Row], stage1_f1: float, labeler: str, studies: int) -> str:
     head = (
         "| | BLEU-4 | CIDEr | ROUGE-L | CE micro-F1 | CE macro-F1 | stage-1 micro-F1 | distinct | "
         "report recall (random) | visual recall (random) | wall time |"
     )
-    lines = [head, "|" + "---|" * 11]
-    for i, row in enumerate(rows):
-        s = row.scores
+    lines = [
+        f"{studies} test studies; CE read by the `{labeler}` labeler (14 labels, uncertain as negative); "
+        "[95 % bootstrap interval over the test studies, 1,000 resamples]",
+        "",
+        head,
+        "|" + "---|" * 11,
+    ]
+    for row in rows:
+        s, iv = row.scores, row.intervals
+        cells = [f"{s[k]:.3f} [{iv[k][0]:.3f}, {iv[k][1]:.3f}]" for k in _SCORED]
         wall = f"{row.seconds:.0f} s" if row.seconds is not None else "-"
-        # recall agreement is the full model's (the first row); the baselines recall nothing
         agree = [
-            f"{recall[k]:.2f} ({recall[k + '_random']:.2f})" if i == 0 else "-" for k in ("report", "visual")
+            f"{row.recall[k]:.2f} ({row.recall[k + '_random']:.2f})" if k in row.recall else "-"
+            for k in ("report", "visual")
         ]
         lines.append(
-            f"| {row.name} | {s['bleu4']:.3f} | {s['cider']:.3f} | {s['rouge_l']:.3f} | {s['ce_micro_f1']:.3f} | "
-            f"{s['ce_macro_f1']:.3f} | {stage1_f1:.3f} | {100 * s['distinct']:.0f} % | {agree[0]} | {agree[1]} | "
-            f"{wall} |"
+            f"| {row.name} | {' | '.join(cells)} | {stage1_f1:.3f} | {100 * s['distinct']:.0f} % | "
+            f"{agree[0]} | {agree[1]} | {wall} |"
         )
     return "\n".join(lines)
 
@@ -287,6 +365,8 @@ def run_demo(
     seed: int = 0,
     fresh: bool = False,
     preset: Literal["full", "tiny"] = "full",
+    ablations: bool = True,
+    jobs: int = 0,
 ) -> str:
     """Run the demo pipeline into ``out`` and return the results table (also written as Markdown + JSON).
 
@@ -298,6 +378,12 @@ def run_demo(
         seed: seed of every stage (data, initialisation, sampling).
         fresh: redo every stage.
         preset: ``full`` (the demo recipes as committed) or ``tiny`` (a few batches: a smoke run).
+        ablations: also train and test every ablation of :data:`ABLATIONS` (one row each); ``False``
+            runs the full model and the baselines only.
+        jobs: stage-2 models trained side by side (0: one per CPU core, at most one per model), each
+            with an equal share of the cores and its output in ``<out>/logs/<stage>.log``; 1 runs them
+            one after another on the console. The tiny demo models run faster as several one-thread
+            processes than as one process on every core.
 
     Returns:
         The results table, Markdown.
@@ -327,9 +413,10 @@ def run_demo(
         if not (out / "data" / "annotation.json").is_file() or fresh:
             from amrg.data.iu_synth import iu_synthesize
 
-            _logger.info("[0/5] data: iu-synth from %s", reports)
+            _logger.info("[0] data: iu-synth from %s", reports)
             iu_synthesize(out / "data", Path(reports).resolve(), seed=seed, image_size=64)
     common = ["--run_root", str(out)]
+    steps = 4
     seconds: dict[str, float] = {}
 
     def recipe(name: str) -> list[str]:
@@ -339,7 +426,7 @@ def run_demo(
         out,
         "stage1",
         ["fit", *recipe("stage1"), *common, *data_args, f"--seed_everything={seed}", *tiny["stage1"]],
-        "[1/5]",
+        f"[1/{steps}]",
         out / "stage1" / "checkpoints" / "last.ckpt",
     )
     memory_args = [a for a in data_args if "batch_size" not in a]
@@ -347,36 +434,77 @@ def run_demo(
         out,
         "memory",
         ["memory", "build", *recipe("memory"), *common, *memory_args, f"--sampling.seed={seed}"],
-        "[2/5]",
+        f"[2/{steps}]",
         out / "memory" / "manifest.json",
     )
-    seconds["stage2"] = _run_stage(
-        out,
-        "stage2",
-        ["fit", *recipe("stage2"), *common, *data_args, f"--seed_everything={seed}", *tiny["stage2"]],
-        "[3/5]",
-        out / "stage2" / "checkpoints" / "last.ckpt",
-    )
-    test_dir = out / "test"
-    seconds["test"] = _run_stage(
-        out,
-        "test",
-        [
-            "test",
-            *recipe("stage2"),
-            *common,
-            *data_args,
-            f"--seed_everything={seed}",
-            f"--ckpt_path={out / 'stage2' / 'checkpoints' / 'last.ckpt'}",
-            "--trainer.logger=false",
-            f"--trainer.default_root_dir={test_dir}",
-        ],
-        "[4/5]",
-        test_dir / "test_predictions_epoch0.jsonl",
-    )
 
-    _logger.info("[5/5] results: scoring the full model and the baselines on the test split")
-    from amrg.labeling.chexpert import CheXpertLabeler
+    models = {"stage2": ([], out / "stage2")}
+    for name in ABLATIONS if ablations else ():
+        models[name] = (["-c", str(configs / "ablations" / f"{name}.yaml")], out / "ablations" / name)
+    jobs = max(1, min(jobs if jobs > 0 else (os.cpu_count() or 1), len(models)))
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+
+    def train_and_test(name: str) -> float:
+        """Fit a stage-2 recipe (plus overlay) and test its last checkpoint; seconds of both."""
+        overlay, folder = models[name]
+        step = f"[3/{steps}]"
+        log = out / "logs" / f"{name}.log" if jobs > 1 else None
+        ckpt = folder / "checkpoints" / "last.ckpt"
+        fit = ["fit", *recipe("stage2"), *overlay, *common, *data_args, f"--seed_everything={seed}"]
+        seconds = _run_stage(out, name, [*fit, *tiny["stage2"]], step, ckpt, log, threads)
+        test = ["test", *recipe("stage2"), *overlay, *common, *data_args, f"--seed_everything={seed}"]
+        test += [
+            f"--ckpt_path={ckpt}",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={folder / 'test'}",
+        ]
+        test_stage = "test" if name == "stage2" else f"{name}_test"
+        predictions = folder / "test" / "test_predictions_epoch0.jsonl"
+        test_log = out / "logs" / f"{test_stage}.log" if jobs > 1 else None
+        return seconds + _run_stage(out, test_stage, test, step, predictions, test_log, threads)
+
+    _logger.info(
+        "[3/%d] stage 2: training and testing %d model(s) (%s), %d at a time",
+        steps,
+        len(models),
+        ", ".join(models),
+        jobs,
+    )
+    if jobs == 1:
+        for name in models:
+            seconds[name] = train_and_test(name)
+    else:
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {name: pool.submit(train_and_test, name) for name in models}
+            pending = set(futures.values())
+            while pending:  # a line a minute, so a quiet console is not mistaken for a hang
+                finished, pending = wait(pending, timeout=60, return_when=FIRST_EXCEPTION)
+                if any(f.exception() is not None for f in finished):
+                    for future in pending:
+                        future.cancel()
+                    break
+                if pending:
+                    left = [name for name, f in futures.items() if not f.done()]
+                    _logger.info(
+                        "[3/%d] %.0f s: %d of %d model(s) done; waiting for %s (output in %s)",
+                        steps,
+                        time.perf_counter() - start,
+                        len(models) - len(left),
+                        len(models),
+                        ", ".join(left),
+                        out / "logs",
+                    )
+        failed = [f.exception() for f in futures.values() if not f.cancelled() and f.exception() is not None]
+        if failed:
+            raise failed[0]  # type: ignore[misc]
+        seconds.update({name: future.result() for name, future in futures.items()})
+    trained = {name: folder for name, (_, folder) in models.items()}
+
+    _logger.info("[%d/%d] results: scoring every model and the baselines on the test split", steps, steps)
+    from amrg.labeling import build_labeler
 
     overrides = {"num_workers": 0, "augment": False}
     if data == "synthetic":
@@ -394,51 +522,59 @@ def run_demo(
     clean = dm.datasets["train"].clean
     train = [(s.id, clean(s.report), list(s.labels or [None] * 14)) for s in dm.annotation["train"]]
     ids, predicted, stage1_f1 = _stage1_predictions(out / "stage1" / "checkpoints" / "last.ckpt", dm)
-    model = {
-        r["id"]: r
-        for r in map(json.loads, (test_dir / "test_predictions_epoch0.jsonl").read_text().splitlines())
-    }
-    missing = sorted(set(ids) - set(model))
-    if missing:
-        raise DemoError(
-            f"the test predictions in {test_dir} lack {len(missing)} test id(s), e.g. {missing[:3]}"
+    labeler = build_labeler("chexpert")
+    refs: list[str] | None = None
+    ref_labels: list[Any] = []
+    rows = []
+    from amrg.checkpoints.stage2 import load_stage2
+
+    for name, folder in trained.items():
+        predictions = folder / "test" / "test_predictions_epoch0.jsonl"
+        model = {r["id"]: r for r in map(json.loads, predictions.read_text(encoding="utf-8").splitlines())}
+        missing = sorted(set(ids) - set(model))
+        if missing:
+            raise DemoError(f"{predictions} lacks {len(missing)} test id(s), e.g. {missing[:3]}")
+        if refs is None:
+            refs = [model[i]["reference"] for i in ids]
+            ref_labels = labeler.label_batch(refs)
+        net = load_stage2(folder / "checkpoints" / "last.ckpt")
+        rows.append(
+            Row(
+                "full model" if name == "stage2" else ABLATIONS[name],
+                *_scores([model[i]["hypothesis"] for i in ids], refs, ref_labels, labeler, seed),
+                seconds=seconds[name],
+                recall=recall_agreement(net, dm.test_dataloader()),
+            )
         )
-    refs = [model[i]["reference"] for i in ids]
-    labeler = CheXpertLabeler()
-    ref_labels = labeler.label_batch(refs)
+    assert refs is not None  # the full model is always trained
     base = baseline_reports(train, predicted)
     from amrg.labels import LABELS
 
-    rows = [
-        Row(
-            "full model",
-            _scores([model[i]["hypothesis"] for i in ids], refs, ref_labels, labeler),
-            seconds["stage2"] + seconds["test"],
-        ),
-        Row("constant report", _scores(base["constant"], refs, ref_labels, labeler)),
-        Row("retrieval (stage-1 labels)", _scores(base["retrieval"], refs, ref_labels, labeler)),
-        Row(
-            "stage 1 as text",
-            _scores(
-                [stage1_sentences([LABELS[j] for j in sorted(p)]) for p in predicted],
-                refs,
-                ref_labels,
-                labeler,
-            ),
-        ),
+    as_text = [stage1_sentences([LABELS[j] for j in sorted(p)]) for p in predicted]
+    rows += [
+        Row("constant report", *_scores(base["constant"], refs, ref_labels, labeler, seed)),
+        Row("retrieval (stage-1 labels)", *_scores(base["retrieval"], refs, ref_labels, labeler, seed)),
+        Row("stage 1 as text", *_scores(as_text, refs, ref_labels, labeler, seed)),
     ]
-    from amrg.checkpoints.stage2 import load_stage2
-
-    recall = recall_agreement(load_stage2(out / "stage2" / "checkpoints" / "last.ckpt"), dm.test_dataloader())
-    table = _table(rows, stage1_f1, recall)
+    table = _table(rows, stage1_f1, labeler.name, len(ids))
     results = {
         "settings": settings,
         "test_studies": len(ids),
         "stage1_micro_f1": stage1_f1,
-        "recall_agreement": recall,
+        "labeler": labeler.name,
+        "intervals": "95 % percentile bootstrap over the test studies, 1,000 resamples",
         "reference_distinct": len(set(refs)) / max(1, len(refs)),
         "seconds": seconds,
-        "rows": [{"name": r.name, **r.scores, "seconds": r.seconds} for r in rows],
+        "rows": [
+            {
+                "name": r.name,
+                **r.scores,
+                "intervals": r.intervals,
+                "seconds": r.seconds,
+                "recall_agreement": r.recall or None,
+            }
+            for r in rows
+        ],
     }
     for name, text in (("results.md", table + "\n"), ("results.json", json.dumps(results, indent=1) + "\n")):
         tmp = out / (name + ".tmp")

@@ -11,7 +11,24 @@ import pytest
 
 from amrg.demo import DemoError, baseline_reports, run_demo, stage1_sentences
 
-ROWS = ("full model", "constant report", "retrieval (stage-1 labels)", "stage 1 as text")
+ROWS = (
+    "full model",
+    "without visual memory",
+    "without report memory",
+    "without both memories",
+    "cross-attention, not Hopfield",
+    "pooled tokens, not disease queries",
+    "constant report",
+    "retrieval (stage-1 labels)",
+    "stage 1 as text",
+)
+RECALLS = {  # which memories each row recalls from
+    "full model": {"report", "visual"},
+    "without visual memory": {"report"},
+    "without report memory": {"visual"},
+    "cross-attention, not Hopfield": {"report", "visual"},
+    "pooled tokens, not disease queries": {"report", "visual"},
+}
 COLUMNS = (
     "BLEU-4",
     "CIDEr",
@@ -101,27 +118,39 @@ def test_an_out_folder_of_another_kind_is_refused(tmp_path: Path) -> None:
 def test_tiny_demo_runs_every_stage_and_writes_the_table(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     amrg = [sys.executable, "-m", "amrg.cli", "demo", "--out", str(out), "--preset", "tiny"]
-    done = subprocess.run(amrg, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*amrg, "--jobs", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    for step in ("[1/5] stage1", "[2/5] memory", "[3/5] stage2", "[4/5] test", "[5/5] results"):
+    steps = ["[1/4] stage1", "[2/4] memory", "[3/4] stage2", "[3/4] test", "[3/4] no_visual_memory"]
+    steps += ["[3/4] pooled_queries_test", "[4/4] results"]
+    for step in steps:
         assert step in done.stderr, step  # progress per stage
     table = (out / "results.md").read_text()
     assert table.strip() in done.stdout
-    header = table.splitlines()[0]
+    assert table.startswith("4 test studies; CE read by the `chexpert-rules` labeler")
+    header = table.splitlines()[2]
     assert all(column in header for column in COLUMNS)
-    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == list(ROWS)
+    assert [line.split("|")[1].strip() for line in table.splitlines()[4:]] == list(ROWS)
     results = json.loads((out / "results.json").read_text())
     assert [row["name"] for row in results["rows"]] == list(ROWS) and results["test_studies"] == 4
     assert 0.0 <= results["stage1_micro_f1"] <= 1.0
-    assert set(results["recall_agreement"]) == {"report", "report_random", "visual", "visual_random"}
-    for name in ("stage1", "memory", "stage2", "test"):
+    assert results["labeler"] == "chexpert-rules"
+    for row in results["rows"]:
+        assert set(row["intervals"]) == {"bleu4", "cider", "rouge_l", "ce_micro_f1", "ce_macro_f1"}
+        assert all(0.0 <= low <= high for low, high in row["intervals"].values()), row["name"]
+        kinds = RECALLS.get(row["name"], set())
+        agreement = row["recall_agreement"] or {}
+        assert set(agreement) == {k for kind in kinds for k in (kind, f"{kind}_random")}, row["name"]
+        assert (row["seconds"] is not None) == (row["name"] in ROWS[:6])
+    for name in ("stage1", "memory", "stage2", "test", "no_memory", "no_memory_test"):
         assert (out / f"{name}.done.json").is_file()
     assert (out / "stage2" / "checkpoints" / "last.ckpt").is_file() and (
         out / "memory" / "manifest.json"
     ).is_file()
+    assert (out / "ablations" / "cross_attention" / "test" / "test_predictions_epoch0.jsonl").is_file()
     # A re-run reuses every finished stage and writes the same table.
-    again = subprocess.run(amrg, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stderr.count("reused") == 4
+    assert (out / "logs" / "no_memory.log").is_file()  # side by side: each model's output in its own file
+    again = subprocess.run([*amrg, "--jobs", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stderr.count("reused") == 14
     assert (out / "results.md").read_text() == table
 
 
@@ -137,11 +166,33 @@ def test_a_stage_that_runs_again_makes_the_later_stages_run(
     for name in demo._STAGES:
         (tmp_path / name).touch()
         demo._run_stage(tmp_path, name, [name], "[x]", tmp_path / name)
-    assert len(calls) == 4
+    assert len(calls) == 14
     for name in demo._STAGES:  # same arguments: every stage reused
         demo._run_stage(tmp_path, name, [name], "[x]", tmp_path / name)
-    assert len(calls) == 4
-    demo._run_stage(tmp_path, "memory", ["memory", "changed"], "[x]", tmp_path / "memory")
-    for name in ("stage2", "test"):  # after memory ran again, stage 2 and test run again too
-        demo._run_stage(tmp_path, name, [name], "[x]", tmp_path / name)
-    assert [c[-1] for c in calls[4:]] == ["changed", "stage2", "test"]
+    assert len(calls) == 14
+    args = {name: [name] for name in demo._STAGES}
+    args["no_memory"] = ["no_memory", "changed"]
+    for name in demo._STAGES:  # an ablation that ran again makes only its own test run again
+        demo._run_stage(tmp_path, name, args[name], "[x]", tmp_path / name)
+    assert [c[-1] for c in calls[14:]] == ["changed", "no_memory_test"]
+    args["memory"] = ["memory", "changed"]
+    for name in demo._STAGES:  # after memory ran again, every model trains and tests again
+        demo._run_stage(tmp_path, name, args[name], "[x]", tmp_path / name)
+    later = demo._STAGES[demo._STAGES.index("memory") + 1 :]
+    assert [c[3:] for c in calls[16:]] == [args["memory"], *(args[name] for name in later)]
+
+
+def test_a_failing_stage_names_itself_and_shows_the_end_of_its_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import amrg.demo as demo
+
+    def fail(cmd, stdout=None, **kw):
+        stdout.write("epoch 3\nRuntimeError: out of memory\n")
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(demo.subprocess, "run", fail)
+    log = tmp_path / "logs" / "no_memory.log"
+    with pytest.raises(DemoError, match=r"(?s)\[3/4\] no_memory failed \(exit 1\).*\n.*out of memory") as err:
+        demo._run_stage(tmp_path, "no_memory", ["fit"], "[3/4]", tmp_path / "x", log=log, threads=1)
+    assert str(log) in str(err.value) and not (tmp_path / "no_memory.done.json").exists()

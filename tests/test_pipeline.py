@@ -40,7 +40,8 @@ def test_demo_pipeline_and_a_portable_stage2_checkpoint(tmp_path: Path) -> None:
     assert len(folder.visual) > 0 and len(folder.report) > 0
     assert "Cardiomegaly" in out and "memory folder: runs/demo/memory" in out  # the per-label count table
 
-    _amrg(["fit", *_recipe("stage2"), N, "--data.init_args.batch_size=4", *limits], cwd=work)
+    every_epoch = "--trainer.check_val_every_n_epoch=1"  # the recipe validates after its last (6th) epoch
+    _amrg(["fit", *_recipe("stage2"), N, "--data.init_args.batch_size=4", *limits, every_epoch], cwd=work)
     run = work / "runs/demo/stage2"
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()

@@ -283,6 +283,31 @@ _NEGATIONS: tuple[tuple[tuple[int, ...], tuple[str, ...]], ...] = (
 )
 _LUNG_LABELS = (OPACITY, LESION, EDEMA, CONSOL, PNEUMONIA, ATELEC, PTX, EFFUSION)
 
+# Where each finding is read on the film; a sentence belongs to the region of its first label.
+_REGION = {
+    DEVICES: "devices",
+    EC: "heart",
+    CARDIO: "heart",
+    OPACITY: "lungs",
+    LESION: "lungs",
+    EDEMA: "lungs",
+    CONSOL: "lungs",
+    PNEUMONIA: "lungs",
+    ATELEC: "lungs",
+    PTX: "pleura",
+    EFFUSION: "pleura",
+    PLEURAL_OTHER: "pleura",
+    FRACTURE: "bones",
+}
+# Radiologists read a film in a fixed order of their own and write the findings in it (IU X-ray:
+# heart first; MIMIC-CXR: lines and tubes first). Each report takes one of these orders; sentences of
+# one region come in random order.
+READING_ORDERS: tuple[tuple[str, ...], ...] = (
+    ("heart", "lungs", "pleura", "bones", "devices"),
+    ("devices", "lungs", "pleura", "heart", "bones"),
+    ("devices", "heart", "lungs", "pleura", "bones"),
+)
+
 
 def _impression_phrase(sg: Sign) -> str:
     d, lab = sg.desc, sg.label
@@ -312,7 +337,8 @@ def write_report(
     codes: Sequence[int | None], signs: dict[int, Sign], rng: np.random.Generator
 ) -> tuple[str, list[int | None]]:
     """Compose a report for the 13 finding codes; return it with the codes its sentences state."""
-    sentences: list[tuple[str, dict[int, int]]] = []
+    sentences: list[tuple[str, dict[int, int]]] = []  # (text, {label: code stated})
+    generic: dict[str, str] = {}  # sentences that state no label -> their region
     for j in FINDINGS:
         if codes[j] == 1:
             sentences.append((_positive_sentence(signs[j], rng), {j: 1}))
@@ -328,19 +354,22 @@ def write_report(
             negated -= set(group)
     assert not negated, negated
     if not active & set(_LUNG_LABELS) and rng.random() < 0.7:
-        sentences.append((_pick(rng, ["The lungs are clear.", "The lungs are well expanded and clear."]), {}))
+        text = _pick(rng, ["The lungs are clear.", "The lungs are well expanded and clear."])
+        sentences.append((text, {}))
+        generic[text] = "lungs"
     if FRACTURE not in active and rng.random() < 0.4:
-        sentences.append(
-            (
-                _pick(
-                    rng,
-                    ["No acute osseous abnormality.", "The visualized osseous structures are unremarkable."],
-                ),
-                {},
-            )
+        text = _pick(
+            rng, ["No acute osseous abnormality.", "The visualized osseous structures are unremarkable."]
         )
-    order = rng.permutation(len(sentences))
-    body = [sentences[i] for i in order]
+        sentences.append((text, {}))
+        generic[text] = "bones"
+    regions = [_REGION[min(said)] if said else generic[text] for text, said in sentences]
+    reading = READING_ORDERS[int(rng.integers(len(READING_ORDERS)))]
+    body = []
+    for region in reading:
+        members = [i for i, r in enumerate(regions) if r == region]
+        body += [sentences[members[k]] for k in rng.permutation(len(members))]
+    assert len(body) == len(sentences)
     positives = [j for j in FINDINGS if codes[j] == 1]
     if positives:
         chosen = rng.permutation(positives)[: int(rng.integers(1, 3))]

@@ -46,3 +46,35 @@ def test_report_states_exactly_the_labels(studies):
     for study in studies(250):
         assert study.report.strip() and study.report.endswith(".")
         assert _stated(study.report)[:NO_FINDING] == study.labels[:NO_FINDING], study.report
+
+
+# Which region of the film a sentence speaks of (the prose's reading-order regions).
+REGION = {
+    "devices": r"pacemaker|endotracheal tube|central line|support devices",
+    "heart": r"mediastin|cardiomegaly|heart|cardiomediastinal",
+    "lungs": r"opacity|nodule|edema|consolidation|pneumonia|atelectasis|lungs",  # before pleura: "no
+    "pleura": r"pneumothorax|pleural",  # consolidation, pleural effusion, or pneumothorax" is a lung sentence
+    "bones": r"fracture|osseous",
+}
+
+
+def test_findings_come_in_one_of_the_reading_orders(studies):
+    from amrg.data.synthetic.prose import READING_ORDERS
+
+    used = set()
+    for study in studies(150):
+        if any(v == 1 for v in study.labels[:NO_FINDING]):
+            continue  # the impression restates positives after the findings; check findings-only reports
+        regions = []
+        for sentence in (s.strip().lower() for s in study.report.split(".") if s.strip()):
+            found = [r for r, pattern in REGION.items() if re.search(pattern, sentence)]
+            if found and not sentence.startswith("no acute cardiopulmonary"):
+                regions.append(found[0])
+        fits = [
+            order
+            for order in READING_ORDERS
+            if [order.index(r) for r in regions] == sorted(order.index(r) for r in regions)
+        ]
+        assert fits, (regions, study.report)
+        used.update(fits)
+    assert len(used) == len(READING_ORDERS)  # every reading order occurs
