@@ -41,8 +41,15 @@ def data_synth(
     """
     from amrg.data.synthetic import synthesize
 
-    path = synthesize(out, n=n, seed=seed, image_size=image_size, two_view_prob=two_view_prob,
-                      val_fraction=val_fraction, test_fraction=test_fraction)
+    path = synthesize(
+        out,
+        n=n,
+        seed=seed,
+        image_size=image_size,
+        two_view_prob=two_view_prob,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+    )
     print(f"wrote {n} synthetic studies: {path}")
 
 
@@ -68,8 +75,10 @@ def data_iu_synth(*, out: Path, reports: Path, seed: int = 0, image_size: int = 
         print(f"amrg data iu-synth: {err}", file=sys.stderr)
         sys.exit(1)
     counts = ", ".join(f"{k} {v}" for k, v in res.counts.items())
-    print(f"wrote {sum(res.counts.values())} IU studies ({counts}; {len(res.skipped)} skipped "
-          f"without FINDINGS or IMPRESSION): {res.annotation}")
+    print(
+        f"wrote {sum(res.counts.values())} IU studies ({counts}; {len(res.skipped)} skipped "
+        f"without FINDINGS or IMPRESSION): {res.annotation}"
+    )
 
 
 def data_check(annotation: Path, image_root: Path | None = None, decode: bool = False) -> None:
@@ -90,8 +99,15 @@ def data_check(annotation: Path, image_root: Path | None = None, decode: bool = 
         sys.exit(1)
 
 
-def data_preview(annotation: Path, *, out: Path, image_root: Path | None = None, n: int = 16,
-                 split: str = "train", seed: int = 0) -> None:
+def data_preview(
+    annotation: Path,
+    *,
+    out: Path,
+    image_root: Path | None = None,
+    n: int = 16,
+    split: str = "train",
+    seed: int = 0,
+) -> None:
     """Draw a grid of studies with their positive labels and sign boxes into a PNG.
 
     Args:

@@ -82,8 +82,9 @@ def make_dataset(tmp_path: Path) -> Callable[..., Path]:
     Studies alternate one and two views; labels mark Pleural Effusion on odd studies.
     """
 
-    def _make(n: dict[str, int] | None = None, size: int = 32, labels: bool = True,
-              root: Path | None = None) -> Path:
+    def _make(
+        n: dict[str, int] | None = None, size: int = 32, labels: bool = True, root: Path | None = None
+    ) -> Path:
         root = root or tmp_path / "dataset"
         counts = n or {"train": 4, "val": 2, "test": 2}
         ann: dict[str, list] = {}

@@ -11,8 +11,9 @@ from amrg import cli
 
 
 def _amrg(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "amrg.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "amrg.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def test_help_lists_every_command(capsys) -> None:
@@ -52,7 +53,11 @@ def test_unknown_command_exits_2(capsys) -> None:
 
 def test_dashed_options_are_accepted() -> None:
     assert cli._dashes_to_underscores(["--image-size", "64", "--two-view-prob=0.5", "x-y"]) == [
-        "--image_size", "64", "--two_view_prob=0.5", "x-y"]
+        "--image_size",
+        "64",
+        "--two_view_prob=0.5",
+        "x-y",
+    ]
 
 
 def test_bare_bool_options_mean_true() -> None:

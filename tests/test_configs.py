@@ -14,7 +14,9 @@ DATASETS = ("demo", "iu_xray", "mimic_cxr", "chexpert_plus")
 STAGES = ("stage1", "memory", "stage2")
 # data.yaml is not a recipe: it is composed with (and so parsed by) every recipe of its folder
 RECIPES = sorted(
-    p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("trainer", "ablations") and p.name != "data.yaml"
+    p
+    for p in CONFIGS.rglob("*.yaml")
+    if p.parent.name not in ("trainer", "ablations") and p.name != "data.yaml"
 )
 ABLATIONS = sorted((CONFIGS / "ablations").glob("*.yaml"))
 OVERLAYS = sorted((CONFIGS / "trainer").glob("*.yaml"))
@@ -94,8 +96,11 @@ def _printed(command: list[str], args: list[str], capsys) -> dict:
 def test_stage1_recipes_keep_best_and_the_last_epoch(dataset: str, capsys) -> None:
     recipe = CONFIGS / dataset / "stage1.yaml"
     printed = _printed(["fit"], [*_composed(recipe), "--run_root=/elsewhere/run"], capsys)
-    checkpoints = {c["init_args"]["filename"]: c["init_args"] for c in printed["trainer"]["callbacks"]
-                   if c["class_path"] == "lightning.pytorch.callbacks.ModelCheckpoint"}
+    checkpoints = {
+        c["init_args"]["filename"]: c["init_args"]
+        for c in printed["trainer"]["callbacks"]
+        if c["class_path"] == "lightning.pytorch.callbacks.ModelCheckpoint"
+    }
     assert set(checkpoints) == {"best", "last"}, checkpoints
     best, last = checkpoints["best"], checkpoints["last"]
     # both under the run's root (what --run_root moved), where memory build and stage 2 look
@@ -108,8 +113,12 @@ def test_stage1_recipes_keep_best_and_the_last_epoch(dataset: str, capsys) -> No
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_the_stages_of_a_dataset_share_one_run_root(dataset: str, capsys) -> None:
     folder = CONFIGS / dataset
-    roots = {stage: _printed(["memory", "build"] if stage == "memory" else ["fit"],
-                             _composed(folder / f"{stage}.yaml"), capsys)["run_root"] for stage in STAGES}
+    roots = {
+        stage: _printed(
+            ["memory", "build"] if stage == "memory" else ["fit"], _composed(folder / f"{stage}.yaml"), capsys
+        )["run_root"]
+        for stage in STAGES
+    }
     assert set(roots.values()) == {f"runs/{dataset}"}, roots
     # memory build defaults its stage-1 checkpoint and out_dir under run_root (none given in the recipe)
     memory = _printed(["memory", "build"], _composed(folder / "memory.yaml"), capsys)
@@ -124,14 +133,17 @@ def test_the_stages_of_a_dataset_share_one_run_root(dataset: str, capsys) -> Non
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=_id)
 def test_trainer_overlays_parse(overlay: Path, capsys) -> None:
     with pytest.raises(SystemExit) as info:
-        cli.main(["fit", *_composed(CONFIGS / "demo" / "stage1.yaml"), "--config", str(overlay),
-                  "--print_config"])
+        cli.main(
+            ["fit", *_composed(CONFIGS / "demo" / "stage1.yaml"), "--config", str(overlay), "--print_config"]
+        )
     assert info.value.code == 0, capsys.readouterr().err
 
 
 def test_demo_stage1_builds() -> None:
-    built = cli.lightning_cli([*_composed(CONFIGS / "demo" / "stage1.yaml"),
-                               "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
+    built = cli.lightning_cli(
+        [*_composed(CONFIGS / "demo" / "stage1.yaml"), "--trainer.logger=false", "--trainer.callbacks=[]"],
+        run=False,
+    )
     x = torch.zeros(2, 2, 3, 64, 64)
     assert built.model(x, torch.ones(2, 2, dtype=torch.bool)).shape == (2, 14)
     assert built.datamodule.hparams.image_size == built.model.net.encoder.img_size == 64
@@ -141,9 +153,16 @@ def test_demo_stage1_builds() -> None:
 def test_paper_stage1_builds_on_meta(dataset: str) -> None:
     # Swin-B + BERT-base Q-Former at paper size: built on the meta device (no memory, no weights).
     with torch.device("meta"):
-        built = cli.lightning_cli([*_composed(CONFIGS / dataset / "stage1.yaml"),
-                                   "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
-                                   "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
+        built = cli.lightning_cli(
+            [
+                *_composed(CONFIGS / dataset / "stage1.yaml"),
+                "--config",
+                str(CONFIGS / "trainer" / "cpu.yaml"),
+                "--trainer.logger=false",
+                "--trainer.callbacks=[]",
+            ],
+            run=False,
+        )
     net = built.model.net
     assert net.qformer.hidden_size == 768 and net.qformer.num_layers == 12
     n_params = sum(p.numel() for p in net.parameters())
@@ -155,7 +174,12 @@ def test_paper_stage1_builds_on_meta(dataset: str) -> None:
 def test_iu_synth_data_composes_with_the_demo_recipes(stage: str, capsys) -> None:
     # configs/iu_synth/data.yaml replaces the demo's data block: same tiny models, real IU report text
     command = ["memory", "build"] if stage == "memory" else ["fit"]
-    args = ["--config", str(CONFIGS / "iu_synth" / "data.yaml"), "--config", str(CONFIGS / "demo" / f"{stage}.yaml")]
+    args = [
+        "--config",
+        str(CONFIGS / "iu_synth" / "data.yaml"),
+        "--config",
+        str(CONFIGS / "demo" / f"{stage}.yaml"),
+    ]
     data = _printed(command, args, capsys)["data"]
     assert data["class_path"] == "amrg.data.datamodules.IUXrayDataModule"
     assert data["init_args"]["image_size"] == 64 and data["init_args"]["labels_from_reports"] is False
@@ -168,7 +192,9 @@ def test_every_ablation_of_the_issue_has_an_overlay() -> None:
 
 @pytest.mark.parametrize("overlay", ABLATIONS, ids=_id)
 def test_ablation_overlays_compose_with_a_stage2_recipe(overlay: Path, capsys) -> None:
-    printed = _printed(["fit"], [*_composed(CONFIGS / "demo" / "stage2.yaml"), "--config", str(overlay)], capsys)
+    printed = _printed(
+        ["fit"], [*_composed(CONFIGS / "demo" / "stage2.yaml"), "--config", str(overlay)], capsys
+    )
     assert printed["trainer"]["default_root_dir"] == f"runs/demo/ablations/{overlay.stem}"
     net = printed["model"]["init_args"]["net"]["init_args"]
     assert net["stage1_checkpoint"] == "runs/demo/stage1/checkpoints/last.ckpt"  # the full model's inputs

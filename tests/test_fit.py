@@ -12,13 +12,19 @@ from amrg.checkpoints.stage1 import load_stage1
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # a recipe runs composed with its dataset's one data block
 DEMO_STAGE1 = ["-c", str(CONFIGS / "demo" / "data.yaml"), "-c", str(CONFIGS / "demo" / "stage1.yaml")]
-SMALL = ["--data.init_args.n=40", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-         "--trainer.limit_val_batches=1", "--data.init_args.batch_size=4"]
+SMALL = [
+    "--data.init_args.n=40",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--data.init_args.batch_size=4",
+]
 
 
 def _amrg(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "amrg.cli", *args], cwd=cwd, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "amrg.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return res
 

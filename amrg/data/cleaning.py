@@ -28,8 +28,17 @@ CleaningStyle = Literal["iu_xray", "mimic_cxr", "none"]
 _IU_CHARS = re.compile(r"[.,?;*!%^&_+():-\[\]{}]")
 _MIMIC_CHARS = re.compile(r"[.,?;*!%^&_+()\[\]{}]")
 # Enumeration markers, applied in this order by the reference.
-_ENUMERATION = (("1. ", ""), (". 2. ", ". "), (". 3. ", ". "), (". 4. ", ". "), (". 5. ", ". "),
-                (" 2. ", ". "), (" 3. ", ". "), (" 4. ", ". "), (" 5. ", ". "))
+_ENUMERATION = (
+    ("1. ", ""),
+    (". 2. ", ". "),
+    (". 3. ", ". "),
+    (". 4. ", ". "),
+    (". 5. ", ". "),
+    (" 2. ", ". "),
+    (" 3. ", ". "),
+    (" 4. ", ". "),
+    (" 5. ", ". "),
+)
 
 
 def _replace_n(text: str, old: str, new: str, times: int) -> str:

@@ -184,7 +184,9 @@ class ReportDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.datasets:
-            raise ValueError(f"{self._annotation_file()}: no {split!r} split to load (it has {sorted(self.datasets)})")
+            raise ValueError(
+                f"{self._annotation_file()}: no {split!r} split to load (it has {sorted(self.datasets)})"
+            )
         hp = self.hparams
         batch_size = hp.batch_size if train else (hp.eval_batch_size or hp.batch_size)
         return DataLoader(
@@ -222,7 +224,9 @@ class IUXrayDataModule(ReportDataModule):
         max_views: int = 2,
         **kwargs,
     ) -> None:
-        super().__init__(annotation=annotation, image_root=image_root, cleaning=cleaning, max_views=max_views, **kwargs)
+        super().__init__(
+            annotation=annotation, image_root=image_root, cleaning=cleaning, max_views=max_views, **kwargs
+        )
 
 
 class MIMICCXRDataModule(ReportDataModule):
@@ -236,7 +240,9 @@ class MIMICCXRDataModule(ReportDataModule):
         max_views: int = 1,
         **kwargs,
     ) -> None:
-        super().__init__(annotation=annotation, image_root=image_root, cleaning=cleaning, max_views=max_views, **kwargs)
+        super().__init__(
+            annotation=annotation, image_root=image_root, cleaning=cleaning, max_views=max_views, **kwargs
+        )
 
 
 class CheXpertPlusDataModule(ReportDataModule):
@@ -250,7 +256,9 @@ class CheXpertPlusDataModule(ReportDataModule):
         max_views: int = 1,
         **kwargs,
     ) -> None:
-        super().__init__(annotation=annotation, image_root=image_root, cleaning=cleaning, max_views=max_views, **kwargs)
+        super().__init__(
+            annotation=annotation, image_root=image_root, cleaning=cleaning, max_views=max_views, **kwargs
+        )
 
 
 class SyntheticDataModule(ReportDataModule):
@@ -287,7 +295,9 @@ class SyntheticDataModule(ReportDataModule):
         self.root = Path(root)
         self.n, self.seed, self.two_view_prob = n, seed, two_view_prob
         data_dir = self.root / f"n{n}_seed{seed}_px{image_size}_v{two_view_prob:g}"
-        super().__init__(annotation=data_dir / "annotation.json", image_size=image_size, max_views=max_views, **kwargs)
+        super().__init__(
+            annotation=data_dir / "annotation.json", image_size=image_size, max_views=max_views, **kwargs
+        )
         self.data_dir = data_dir
 
     def prepare_data(self) -> None:
@@ -296,8 +306,13 @@ class SyntheticDataModule(ReportDataModule):
             from amrg.data.synthetic import synthesize
 
             rank_zero_info(f"generating {self.n} synthetic studies into {self.data_dir}")
-            synthesize(self.data_dir, n=self.n, seed=self.seed, image_size=self.hparams.image_size,
-                       two_view_prob=self.two_view_prob)
+            synthesize(
+                self.data_dir,
+                n=self.n,
+                seed=self.seed,
+                image_size=self.hparams.image_size,
+                two_view_prob=self.two_view_prob,
+            )
         super().prepare_data()
 
 

@@ -98,7 +98,9 @@ def _parse_labels(raw: object, where: str, problems: list[str]) -> tuple[int | N
     if raw is None:
         return None
     if not isinstance(raw, list):
-        problems.append(f"{where}: field 'labels' must be a list of {NUM_LABELS} values, got {type(raw).__name__}")
+        problems.append(
+            f"{where}: field 'labels' must be a list of {NUM_LABELS} values, got {type(raw).__name__}"
+        )
         return None
     if len(raw) != NUM_LABELS:
         problems.append(
@@ -164,13 +166,20 @@ def _compact_hook(label_cache: dict):
             return rec
         if not (type(report) is str and report and not report.isspace()):
             return rec
-        if type(paths) is not list or not paths or not all(type(p) is str and p and not p.isspace() for p in paths):
+        if (
+            type(paths) is not list
+            or not paths
+            or not all(type(p) is str and p and not p.isspace() for p in paths)
+        ):
             return rec
         labels = rec.get("labels")
         if labels is not None:
-            if (type(labels) is not list or len(labels) != NUM_LABELS
-                    or not _OK_LABEL_TYPES.issuperset(map(type, labels))
-                    or not _OK_LABEL_VALUES.issuperset(labels)):
+            if (
+                type(labels) is not list
+                or len(labels) != NUM_LABELS
+                or not _OK_LABEL_TYPES.issuperset(map(type, labels))
+                or not _OK_LABEL_VALUES.issuperset(labels)
+            ):
                 return rec
             labels = tuple(labels)
             labels = label_cache.setdefault(labels, labels)  # identical label vectors share one tuple
@@ -181,13 +190,20 @@ def _compact_hook(label_cache: dict):
 
 def _expand(rec: _Compact) -> dict:
     rec_id, report, paths, rec_split, labels = rec
-    return {"id": rec_id, "report": report, "image_path": list(paths), "split": rec_split,
-            "labels": None if labels is None else list(labels)}
+    return {
+        "id": rec_id,
+        "report": report,
+        "image_path": list(paths),
+        "split": rec_split,
+        "labels": None if labels is None else list(labels),
+    }
 
 
 def _parse_record(rec: object, path: Path, split: str, index: int, problems: list[str]) -> Study | None:
     if not isinstance(rec, dict):
-        problems.append(f"{path.name}: {split}[{index}]: a record must be an object, got {type(rec).__name__}")
+        problems.append(
+            f"{path.name}: {split}[{index}]: a record must be an object, got {type(rec).__name__}"
+        )
         return None
     rec_id = rec.get("id")
     where = _where(path, split, index, rec_id)
@@ -203,7 +219,9 @@ def _parse_record(rec: object, path: Path, split: str, index: int, problems: lis
     if isinstance(paths, str):
         paths = [paths]
     if not isinstance(paths, list) or not paths:
-        problems.append(f"{where}: field 'image_path' is missing or empty; expected a list of 1+ relative paths")
+        problems.append(
+            f"{where}: field 'image_path' is missing or empty; expected a list of 1+ relative paths"
+        )
         paths = []
     elif not all(isinstance(p, str) and p.strip() for p in paths):
         problems.append(f"{where}: field 'image_path' has a non-string or empty entry: {paths!r}")
@@ -248,7 +266,9 @@ def _load(path: Path, splits: Iterable[str] | None) -> Annotation:
         with path.open("rb") as f:
             raw = json.load(f, object_hook=_compact_hook({}))
     except json.JSONDecodeError as e:
-        raise AnnotationError(path, [f"{path.name}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"]) from None
+        raise AnnotationError(
+            path, [f"{path.name}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"]
+        ) from None
     except UnicodeDecodeError as e:
         raise AnnotationError(path, [f"{path.name}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
     if not isinstance(raw, dict):
@@ -264,7 +284,9 @@ def _load(path: Path, splits: Iterable[str] | None) -> Annotation:
             continue
         records = raw[split]
         if not isinstance(records, list):
-            problems.append(f"{path.name}: split {split!r} must be a list of records, got {type(records).__name__}")
+            problems.append(
+                f"{path.name}: split {split!r} must be a list of records, got {type(records).__name__}"
+            )
             continue
         studies = []
         # Records are released as they are converted, so the raw JSON and the studies are never
@@ -277,7 +299,9 @@ def _load(path: Path, splits: Iterable[str] | None) -> Annotation:
             if type(rec) is _Compact and rec[3] in (None, split):
                 study = Study(rec[0], rec[1], rec[2], split, rec[4])
             else:
-                study = _parse_record(dict(_expand(rec)) if type(rec) is _Compact else rec, path, split, i, problems)
+                study = _parse_record(
+                    dict(_expand(rec)) if type(rec) is _Compact else rec, path, split, i, problems
+                )
             if study is None:
                 continue
             first = seen.get(study.id)

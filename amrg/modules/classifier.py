@@ -35,6 +35,7 @@ __all__ = ["ClassifierModule", "label_targets"]
 
 _logger = logging.getLogger(__name__)
 
+
 def label_targets(
     labels: Tensor,
     uncertain: Literal["ignore", "positive", "negative"] = "ignore",
@@ -343,7 +344,14 @@ class ClassifierModule(LightningModule):
         check_written_by(ckpt, f"{cls.__module__}.{cls.__qualname__}", source)
         net = load_stage1(checkpoint_path, net=kwargs.pop("net", None), ckpt=ckpt)
         stored = ckpt.get("hyper_parameters") or {}
-        for name in ("uncertain", "missing", "label_smoothing", "pos_weight", "threshold", "scheduler_interval"):
+        for name in (
+            "uncertain",
+            "missing",
+            "label_smoothing",
+            "pos_weight",
+            "threshold",
+            "scheduler_interval",
+        ):
             if name in stored and name not in kwargs and is_plain(stored[name]):
                 kwargs[name] = stored[name]
         module = cls(net=net, **kwargs)

@@ -13,10 +13,9 @@ from amrg.data.cleaning import clean_report, clean_report_iu_xray, clean_report_
         # "1. " removed, " 2. " becomes a sentence break; "..." collapses
         ("1. No acute disease... 2. Stable nodule.", "no acute disease . stable nodule ."),
         # the range :-\[ deletes : ; < = > ? @ but keeps the hyphen and digits
-        ("Left-sided effusion (small); X-ray @ 10:30 <ok>=", "left-sided effusion small x-ray  1030 ok"
-         " ."),
+        ("Left-sided effusion (small); X-ray @ 10:30 <ok>=", "left-sided effusion small x-ray  1030 ok ."),
         # quotes and slashes removed
-        ("\"AP/PA\" view's quality", "appa views quality ."),
+        ('"AP/PA" view\'s quality', "appa views quality ."),
         # empty sentence kept (the reference's `!= []` filter never removes a string)
         ("Clear. . Normal.", "clear .  . normal ."),
     ],
@@ -33,8 +32,10 @@ def test_iu_xray_examples(raw: str, expected: str) -> None:
         # runs of "__" collapse, double spaces collapse
         ("Patient __ is  stable.", "patient  is stable ."),
         # the hyphen survives, enumerations become breaks
-        ("IMPRESSION: 1. No acute cardio-pulmonary process. 2. Stable.",
-         "impression : no acute cardio-pulmonary process . stable ."),
+        (
+            "IMPRESSION: 1. No acute cardio-pulmonary process. 2. Stable.",
+            "impression : no acute cardio-pulmonary process . stable .",
+        ),
         # the MIMIC class keeps = < > @ that the IU range deletes
         ("pH=7 @ <5", "ph=7 @ <5 ."),
     ],

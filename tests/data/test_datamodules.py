@@ -89,6 +89,8 @@ def test_hparams_hold_no_path_objects(tmp_path: Path) -> None:
     # a PosixPath in a checkpoint's datamodule hparams breaks torch.load(weights_only=True)
     from amrg.data import SyntheticDataModule
 
-    for dm in (ReportDataModule(tmp_path / "a.json", image_root=tmp_path, cache_dir=tmp_path),
-               SyntheticDataModule(root=tmp_path, n=4)):
+    for dm in (
+        ReportDataModule(tmp_path / "a.json", image_root=tmp_path, cache_dir=tmp_path),
+        SyntheticDataModule(root=tmp_path, n=4),
+    ):
         assert not any(isinstance(v, Path) for v in dm.hparams.values()), dict(dm.hparams)

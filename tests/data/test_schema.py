@@ -23,8 +23,14 @@ def _write(tmp_path: Path, data) -> Path:
 def test_valid_annotation_loads(tmp_path: Path) -> None:
     labels = [1, 0, -1, None] + [None] * 10
     boxes = [{"label": "Cardiomegaly", "view": 0, "box": [1, 2, 3, 4]}]
-    path = _write(tmp_path, {"train": [_rec("a", labels=labels, boxes=boxes)], "val": [_rec("b")],
-                             "test": [_rec("c", image_path="c/0.png", split="test")]})
+    path = _write(
+        tmp_path,
+        {
+            "train": [_rec("a", labels=labels, boxes=boxes)],
+            "val": [_rec("b")],
+            "test": [_rec("c", image_path="c/0.png", split="test")],
+        },
+    )
     ann = load_annotation(path)
     assert ann.counts() == {"train": 1, "val": 1, "test": 1}
     a = ann["train"][0]
@@ -40,18 +46,35 @@ def test_valid_annotation_loads(tmp_path: Path) -> None:
     [
         ("{not json", r"annotation.json: malformed JSON at line 1"),
         ({"train": [_rec()], "dev": []}, r"unknown split name\(s\) \['dev'\]"),
-        ({"train": [{"id": "s1", "image_path": ["x.png"]}]}, r"train\[0\] id='s1': field 'report' is missing"),
+        (
+            {"train": [{"id": "s1", "image_path": ["x.png"]}]},
+            r"train\[0\] id='s1': field 'report' is missing",
+        ),
         ({"train": [_rec(report="   ")]}, r"train\[0\] id='s1': field 'report' is empty"),
         ({"train": [_rec(image_path=[])]}, r"train\[0\] id='s1': field 'image_path' is missing or empty"),
         ({"train": [_rec(id="")]}, r"train\[0\] id='': field 'id' is missing or empty"),
-        ({"train": [_rec(labels=[0] * 13)]}, r"train\[0\] id='s1': field 'labels' has 13 values, expected 14"),
-        ({"train": [_rec(labels=[2] + [0] * 13)]},
-         r"train\[0\] id='s1': field 'labels'\[0\] \(Enlarged Cardiomediastinum\) is 2"),
+        (
+            {"train": [_rec(labels=[0] * 13)]},
+            r"train\[0\] id='s1': field 'labels' has 13 values, expected 14",
+        ),
+        (
+            {"train": [_rec(labels=[2] + [0] * 13)]},
+            r"train\[0\] id='s1': field 'labels'\[0\] \(Enlarged Cardiomediastinum\) is 2",
+        ),
         ({"train": [_rec(labels=["yes"] + [0] * 13)]}, r"field 'labels'\[0\] .* is 'yes'"),
-        ({"train": [_rec("x")], "test": [_rec("x")]}, r"test\[0\] id='x': id also in split 'train' \(train/eval leakage\)"),
+        (
+            {"train": [_rec("x")], "test": [_rec("x")]},
+            r"test\[0\] id='x': id also in split 'train' \(train/eval leakage\)",
+        ),
         ({"train": [_rec("x"), _rec("x")]}, r"train\[1\] id='x': duplicate id within split 'train'"),
-        ({"train": [_rec(split="val")]}, r"train\[0\] id='s1': field 'split' is 'val' but the record is listed under 'train'"),
-        ({"train": [_rec(boxes=[{"label": "Nope", "box": [0, 0, 1, 1]}])]}, r"train\[0\] id='s1': field 'boxes'\[0\]"),
+        (
+            {"train": [_rec(split="val")]},
+            r"train\[0\] id='s1': field 'split' is 'val' but the record is listed under 'train'",
+        ),
+        (
+            {"train": [_rec(boxes=[{"label": "Nope", "box": [0, 0, 1, 1]}])]},
+            r"train\[0\] id='s1': field 'boxes'\[0\]",
+        ),
         ({"train": [_rec(boxes=[{"label": "Fracture", "view": 3, "box": [0, 0, 1, 1]}])]}, r"'view': 0\.\.0"),
         ({"train": {"id": "s1"}}, r"split 'train' must be a list of records, got dict"),
         ({"train": ["s1"]}, r"train\[0\]: a record must be an object, got str"),
@@ -84,5 +107,7 @@ def test_missing_file_and_missing_split(tmp_path: Path) -> None:
 
 def test_labels_nan_means_not_mentioned(tmp_path: Path) -> None:
     path = tmp_path / "a.json"
-    path.write_text('{"train": [{"id": "a", "report": "r", "image_path": ["a.png"], "labels": [NaN, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]}]}')
+    path.write_text(
+        '{"train": [{"id": "a", "report": "r", "image_path": ["a.png"], "labels": [NaN, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]}]}'
+    )
     assert load_annotation(path)["train"][0].labels[:2] == (None, 1)

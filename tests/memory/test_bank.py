@@ -196,7 +196,6 @@ def test_saved_tensor_file_gets_the_umask_mode_like_the_json(tmp_path: Path) -> 
     assert tensor_path.stat().st_mode & 0o777 == json_path.stat().st_mode & 0o777 == 0o644
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_save_load_round_trip(tmp_path: Path, dtype: torch.dtype) -> None:
     bank = _bank(kind="report", dtype=dtype)

@@ -385,8 +385,10 @@ def _tampered_checkpoint(tmp_path: Path, net_config: dict) -> Path:
     return path
 
 
-def _net_config(encoder_class: str = "amrg.models.vision.VisionEncoder",
-                net_class: str = "amrg.models.classifier.DiseaseClassifier") -> dict:
+def _net_config(
+    encoder_class: str = "amrg.models.vision.VisionEncoder",
+    net_class: str = "amrg.models.classifier.DiseaseClassifier",
+) -> dict:
     return {
         "class_path": net_class,
         "init_args": {
@@ -446,9 +448,18 @@ def test_resuming_never_takes_settings_or_code_from_the_checkpoint(sentinel, tmp
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["amrg"])
-    recipe = ["-c", str(DEMO_DATA), "-c", str(CONFIGS / "demo" / "stage1.yaml"), "--trainer.logger=false",
-              "--trainer.callbacks=[]", "--data.init_args.n=20", "--data.init_args.batch_size=8",
-              "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"]
+    recipe = [
+        "-c",
+        str(DEMO_DATA),
+        "-c",
+        str(CONFIGS / "demo" / "stage1.yaml"),
+        "--trainer.logger=false",
+        "--trainer.callbacks=[]",
+        "--data.init_args.n=20",
+        "--data.init_args.batch_size=8",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false",
+    ]
     built = lightning_cli(recipe, run=False)
     built.trainer.strategy.connect(built.model)
     path = tmp_path / "crafted.ckpt"
@@ -467,8 +478,9 @@ def test_resuming_never_takes_settings_or_code_from_the_checkpoint(sentinel, tmp
 def _synthetic(root: Path, image_size: int):
     from amrg.data.datamodules import SyntheticDataModule
 
-    return SyntheticDataModule(root=root, n=20, seed=0, image_size=image_size, batch_size=4, num_workers=0,
-                               pin_memory=False)
+    return SyntheticDataModule(
+        root=root, n=20, seed=0, image_size=image_size, batch_size=4, num_workers=0, pin_memory=False
+    )
 
 
 def test_a_datamodule_of_another_image_size_fails_at_fit_start(tmp_path):
@@ -584,11 +596,25 @@ def test_demo_stage1_last_ckpt_is_the_last_epoch_when_the_best_is_not(tmp_path, 
 
     monkeypatch.chdir(tmp_path)  # the recipe writes runs/ and .cache/ relative to the working directory
     monkeypatch.setattr("sys.argv", ["amrg"])
-    cli = lightning_cli(["fit", "-c", str(DEMO_DATA), "-c", str(CONFIGS / "demo" / "stage1.yaml"),
-                         "-c", str(overlay), "--data.init_args.n=20", "--data.init_args.batch_size=2",
-                         "--trainer.max_epochs=3", "--trainer.limit_train_batches=1",
-                         "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-                         "--data.init_args.image_size=32", *SHRINK_NET])  # a tiny net: seconds
+    cli = lightning_cli(
+        [
+            "fit",
+            "-c",
+            str(DEMO_DATA),
+            "-c",
+            str(CONFIGS / "demo" / "stage1.yaml"),
+            "-c",
+            str(overlay),
+            "--data.init_args.n=20",
+            "--data.init_args.batch_size=2",
+            "--trainer.max_epochs=3",
+            "--trainer.limit_train_batches=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--data.init_args.image_size=32",
+            *SHRINK_NET,
+        ]
+    )  # a tiny net: seconds
     folder = tmp_path / "runs" / "demo" / "stage1" / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]  # no -v1 copies
     with torch.serialization.safe_globals([type(Path())]):
