@@ -179,7 +179,8 @@ def _run_stage(
         raise DemoError(f"{step} {name} failed (exit {result.returncode}): amrg {' '.join(args)}{tail}")
     _logger.info("%s %s: finished in %.0f s", step, name, seconds)
     tmp = done.with_name(done.name + ".tmp")
-    tmp.write_text(json.dumps({"args": args, "seconds": round(seconds, 1)}) + "\n", encoding="utf-8")
+    seconds = round(seconds, 1)  # what a re-run reads back, so both runs write the same table
+    tmp.write_text(json.dumps({"args": args, "seconds": seconds}) + "\n", encoding="utf-8")
     os.replace(tmp, done)
     return seconds
 
