@@ -249,13 +249,9 @@ def _scores(
     from amrg.metrics.study_stats import study_stats
 
     stats = study_stats(hyps, refs, labeler.label_batch(hyps), ref_labels, meteor=False)
-    names = {
-        "bleu4": "bleu4",
-        "cider": "cider",
-        "rouge_l": "rouge_l",
-        "ce_micro_f1": ce_key("micro", "f1", "14", "u0"),
-        "ce_macro_f1": ce_key("macro", "f1", "14", "u0"),
-    }
+    micro, macro = (ce_key(average, "f1", "14", "u0") for average in ("micro", "macro"))
+    # row key -> the metric's key in the bootstrap's scores
+    names = dict(zip(_SCORED, ("bleu4", "cider", "rouge_l", micro, macro), strict=True))
     intervals = bootstrap_intervals(stats, resamples=1000, seed=seed)
     scores = {name: float(intervals[key].value) for name, key in names.items()}
     scores["distinct"] = len(set(hyps)) / max(1, len(hyps))
