@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from amrg.errors import InputError
+
 __all__ = [
     "DEMO_MARKER",
     "DemoError",
@@ -61,7 +63,7 @@ _TINY = {  # seconds-long run of every stage (tests, smoke runs)
 }
 
 
-class DemoError(ValueError):
+class DemoError(InputError):
     """A demo run that cannot start or continue (named folder, file or stage)."""
 
 

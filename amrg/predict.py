@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from amrg.data.dicom import DICOM_SUFFIXES, has_dicom_marker, is_dicom
 from amrg.data.images import BadImageError, image_problem
+from amrg.errors import InputError
 
 __all__ = ["IMAGE_SUFFIXES", "PredictInputError", "StudyFiles", "collect_studies", "predict_images"]
 
@@ -47,7 +48,7 @@ _EXPECTED = (
 _MAX_LISTED = 20
 
 
-class PredictInputError(ValueError):
+class PredictInputError(InputError):
     """An input path is missing, not an image, or unreadable (every problem listed in one message)."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from amrg.checkpoints.stage1 import file_sha256
+from amrg.errors import InputError
 from amrg.labels import LABELS
 from amrg.memory.bank import MemoryBank
 
@@ -48,7 +49,7 @@ _KINDS: tuple[Literal["visual", "report"], ...] = ("visual", "report")
 _SUFFIXES = (".safetensors", ".json")
 
 
-class MemoryFolderError(ValueError):
+class MemoryFolderError(InputError):
     """A memory folder that is partial, mixed, foreign or changed since it was built."""
 
 

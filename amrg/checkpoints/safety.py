@@ -12,6 +12,8 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from amrg.errors import CheckpointError
+
 __all__ = [
     "ALLOWED_CLASS_PREFIXES",
     "MODULE_KEY",
@@ -34,7 +36,7 @@ MODULE_KEY = "amrg_module"
 """Checkpoint entry naming the LightningModule class that wrote it (``--ckpt_path`` checks it)."""
 
 
-class UntrustedCheckpointError(ValueError):
+class UntrustedCheckpointError(CheckpointError):
     """An artifact asks for code outside amrg's allow-list (a class path) or for remote code."""
 
 

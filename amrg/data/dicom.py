@@ -33,6 +33,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.misc import is_dicom as _has_dicm_marker
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
 
+from amrg.errors import InputError
+
 __all__ = ["DICOM_SUFFIXES", "DicomError", "check_dicom", "has_dicom_marker", "is_dicom", "read_dicom"]
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -66,7 +68,7 @@ _PARSE_ERRORS = (
 )
 
 
-class DicomError(ValueError):
+class DicomError(InputError):
     """A DICOM file cannot be read as one radiograph; the message names the file and the reason."""
 
 

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from amrg.data.dicom import DicomError, check_dicom, is_dicom, read_dicom
+from amrg.errors import InputError
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -38,7 +39,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class BadImageError(ValueError):
+class BadImageError(InputError):
     """An image is missing, unreadable or of an unsupported kind."""
 
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from amrg.errors import InputError
 from amrg.labels import LABELS, NUM_LABELS
 
 __all__ = ["SPLITS", "Annotation", "AnnotationError", "SignBox", "Study", "load_annotation"]
@@ -32,7 +33,7 @@ _OK_LABEL_TYPES = frozenset({int, type(None)})
 _OK_LABEL_VALUES = frozenset({1, 0, -1, None})
 
 
-class AnnotationError(ValueError):
+class AnnotationError(InputError):
     """An annotation file failed validation; ``problems`` lists every message."""
 
     def __init__(self, path: Path, problems: list[str]) -> None:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from amrg.errors import InputError
+
 if (
     TYPE_CHECKING
 ):  # the scoring modules import torch(metrics): loaded once the inputs have passed their checks
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 _REPORT_KEYS = ("report", "hypothesis")
 
 
-class EvalInputError(ValueError):
+class EvalInputError(InputError):
     """A predictions, annotation or option problem; the message is one line naming the file and record."""
 
 
