@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from amrg.data.images import image_problem
+from amrg.data.images import DEFAULT_MAX_PIXELS, image_problem, leaves_root
 from amrg.data.schema import load_annotation
 from amrg.labels import LABELS
 
@@ -24,12 +24,13 @@ class DatasetReport:
     views: dict[str, Counter] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    outside_root: list[str] = field(default_factory=list)
     label_counts: dict[str, dict[str, Counter]] = field(default_factory=dict)
     unlabelled: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.unreadable
+        return not self.missing and not self.unreadable and not self.outside_root
 
     def format(self, max_listed: int = 20) -> str:
         """A plain-text table for the terminal."""
@@ -39,7 +40,17 @@ class DatasetReport:
             lines.append(f"{split:<8}{n:>10}  {views}")
         lines.append("")
         lines.append(f"missing images: {len(self.missing)}   unreadable images: {len(self.unreadable)}")
-        for kind, items in (("missing", self.missing), ("unreadable", self.unreadable)):
+        if self.outside_root:
+            lines.append(
+                f"image paths outside the image root: {len(self.outside_root)} "
+                "(refused; --allow_outside_root true reads them)"
+            )
+        listed = (
+            ("missing", self.missing),
+            ("unreadable", self.unreadable),
+            ("outside root", self.outside_root),
+        )
+        for kind, items in listed:
             for item in items[:max_listed]:
                 lines.append(f"  {kind}: {item}")
             if len(items) > max_listed:
@@ -62,7 +73,12 @@ class DatasetReport:
 
 
 def check_dataset(
-    annotation: Path, image_root: Path | None = None, decode: bool = False, progress: bool = True
+    annotation: Path,
+    image_root: Path | None = None,
+    decode: bool = False,
+    progress: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    allow_outside_root: bool = False,
 ) -> DatasetReport:
     """Validate an annotation and every image it names.
 
@@ -72,6 +88,10 @@ def check_dataset(
         decode: fully decode each image as training will (slow) instead of checking its header and
             structure (for DICOM: pixel data present, one frame, a decoder for its transfer syntax).
         progress: show a progress bar over the images.
+        max_pixels: an image with more pixels (width x height, from its header) is unreadable, as
+            training would refuse or skip it; None for no cap.
+        allow_outside_root: accept image paths that are absolute or climb out of the image root with
+            ``..``; otherwise each is listed as "outside root" and its file is not opened.
     """
     ann = load_annotation(annotation)
     root = Path(image_root) if image_root is not None else Path(annotation).parent
@@ -87,9 +107,13 @@ def check_dataset(
                 for rel in study.image_paths:
                     path = root / rel
                     where = f"{split} id={study.id!r}: {path}"
-                    if not path.is_file():
+                    if not allow_outside_root and leaves_root(rel):
+                        report.outside_root.append(
+                            f"{split} id={study.id!r}: image path {rel!r} leaves {root}"
+                        )
+                    elif not path.is_file():
                         report.missing.append(where)
-                    elif (err := image_problem(path, decode)) is not None:
+                    elif (err := image_problem(path, decode, max_pixels)) is not None:
                         report.unreadable.append(f"{split} id={study.id!r}: {err}")
                     bar.update()
                 if study.labels is None:

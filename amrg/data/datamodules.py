@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from amrg.data.cleaning import CleaningStyle
 from amrg.data.dataset import FillMissingView, OnBadImage, ReportDataset, collate_studies
-from amrg.data.images import train_augmentation
+from amrg.data.images import DEFAULT_MAX_PIXELS, train_augmentation
 from amrg.data.schema import Annotation, Study, load_annotation
 
 __all__ = [
@@ -56,8 +56,13 @@ class ReportDataModule(L.LightningDataModule):
         eval_batch_size: per-device batch size for val/test/predict (default: batch_size).
         num_workers: DataLoader worker processes per device.
         augment: mild affine/exposure jitter on training views.
-        on_bad_image: "error" stops at the first missing/corrupt image naming it; "skip" drops
-            such studies and logs each one with a running count.
+        on_bad_image: "error" stops at the first missing/corrupt/too-large image naming it; "skip"
+            drops such studies and logs each one with a running count.
+        max_pixels: refuse (or skip) an image file with more pixels than this (width x height, read
+            from its header before decoding); None for no cap. Large JPEGs are decoded at reduced
+            size towards ``image_size`` either way.
+        allow_outside_root: read image paths that are absolute or climb out of the image root with
+            ``..`` (refused by default, when the datasets are built).
         labels_from_reports: where a study has no ``labels``, compute them with the offline
             CheXpert labeler from its raw report; otherwise they stay NaN (not mentioned).
         cache_dir: where computed labels are cached (written once, in ``prepare_data``); None
@@ -79,6 +84,8 @@ class ReportDataModule(L.LightningDataModule):
         num_workers: int = 4,
         augment: bool = True,
         on_bad_image: OnBadImage = "error",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        allow_outside_root: bool = False,
         labels_from_reports: bool = True,
         cache_dir: Path | None = None,
         predict_split: Literal["train", "val", "test"] = "test",
@@ -180,6 +187,8 @@ class ReportDataModule(L.LightningDataModule):
             augment=train_augmentation() if (hp.augment and split == "train") else None,
             on_bad_image=hp.on_bad_image,
             split=split,
+            max_pixels=hp.max_pixels,
+            allow_outside_root=hp.allow_outside_root,
         )
 
     def _loader(self, split: str, train: bool) -> DataLoader:

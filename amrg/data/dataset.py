@@ -16,11 +16,18 @@ from torch.utils.data import Dataset
 
 from amrg.data.batch import Batch
 from amrg.data.cleaning import CleaningStyle, get_cleaner
-from amrg.data.images import BadImageError, load_image
+from amrg.data.images import (
+    DEFAULT_MAX_PIXELS,
+    BadImageError,
+    ImageTooLargeError,
+    OutsideRootError,
+    leaves_root,
+    load_image,
+)
 from amrg.data.schema import Study
 from amrg.labels import NUM_LABELS
 
-__all__ = ["FillMissingView", "OnBadImage", "ReportDataset", "collate_studies"]
+__all__ = ["FillMissingView", "OnBadImage", "ReportDataset", "collate_studies", "outside_root_problems"]
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +49,17 @@ class ReportDataset(Dataset):
         cleaning: report cleaning rules ("iu_xray", "mimic_cxr" or "none").
         augment: optional transform on each [1, H, W] view in [0, 1] (training only).
         on_bad_image: "error" raises naming the study and file; "skip" drops the study from its
-            batch, logs it and counts it in ``skipped`` (per worker process).
+            batch, logs it and counts it in ``skipped`` (per worker process). A missing, corrupt or
+            over-``max_pixels`` file is a bad image.
         split: split name, used in messages.
+        max_pixels: refuse (or, with "skip", skip) an image file with more pixels than this, checked
+            from its header before decoding; None for no cap (PIL's own bomb limit still applies).
+        allow_outside_root: read image paths that are absolute or climb out of ``image_root`` with
+            ``..``; by default such a path is refused when the dataset is built, in either
+            ``on_bad_image`` mode.
+
+    Raises:
+        OutsideRootError: an image path leaves ``image_root`` and ``allow_outside_root`` is False.
     """
 
     def __init__(
@@ -57,6 +73,8 @@ class ReportDataset(Dataset):
         augment: Callable[[Tensor], Tensor] | None = None,
         on_bad_image: OnBadImage = "error",
         split: str = "",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        allow_outside_root: bool = False,
     ) -> None:
         if max_views < 1:
             raise ValueError(f"max_views must be >= 1, got {max_views}")
@@ -66,8 +84,19 @@ class ReportDataset(Dataset):
             raise ValueError(f"fill_missing_view must be 'zeros' or 'repeat', got {fill_missing_view!r}")
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        if max_pixels is not None and max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1 or None, got {max_pixels}")
         self.studies = list(studies)
         self.image_root = Path(image_root)
+        if not allow_outside_root:
+            problems = outside_root_problems(self.studies, split or "dataset")
+            if problems:
+                more = f"; and {len(problems) - 1} more such path(s)" if len(problems) > 1 else ""
+                raise OutsideRootError(
+                    f"{problems[0]} leaves the image root {self.image_root}{more} "
+                    "(set data.init_args.allow_outside_root=true to read such paths)"
+                )
+        self.max_pixels = max_pixels
         self.image_size = image_size
         self.max_views = max_views
         self.fill_missing_view = fill_missing_view
@@ -94,11 +123,14 @@ class ReportDataset(Dataset):
         views = []
         for rel in study.image_paths[: self.max_views]:
             try:
-                views.append(load_image(self.image_root / rel, self.image_size, self.augment))
+                views.append(
+                    load_image(self.image_root / rel, self.image_size, self.augment, self.max_pixels)
+                )
             except BadImageError as e:
-                msg = f"{self.split or 'dataset'} id={study.id!r}: {e} (set data.init_args.image_root)"
+                flag = "max_pixels" if isinstance(e, ImageTooLargeError) else "image_root"
+                msg = f"{self.split or 'dataset'} id={study.id!r}: {e} (set data.init_args.{flag})"
                 if self.on_bad_image == "error":
-                    raise BadImageError(msg) from None
+                    raise type(e)(msg) from None
                 self.skipped += 1
                 log.warning("skipping study (on_bad_image=skip), %d skipped so far: %s", self.skipped, msg)
                 return None
@@ -116,6 +148,17 @@ class ReportDataset(Dataset):
             "report": self.clean(study.report),
             "labels": self._labels(study),
         }
+
+
+def outside_root_problems(studies: Sequence[Study], split: str) -> list[str]:
+    """``"<split> id='x': image path '../y.png'"`` for every image path that leaves its root (see
+    :func:`amrg.data.images.leaves_root`), in annotation order."""
+    return [
+        f"{split} id={study.id!r}: image path {rel!r}"
+        for study in studies
+        for rel in study.image_paths
+        if leaves_root(rel)
+    ]
 
 
 def collate_studies(items: Sequence[dict[str, Any] | None]) -> Batch | None:

@@ -47,3 +47,23 @@ def test_check_reads_dicom_and_names_a_bad_one(tmp_path) -> None:
             f"train id='c': image {tmp_path / 'c' / '0.dcm'} is a multi-frame DICOM (2 frames); "
             "expected one radiograph"
         ]
+
+
+def test_check_lists_paths_outside_the_root_and_images_over_the_pixel_cap(make_dataset) -> None:
+    path = make_dataset(size=32)
+    root = path.parent
+    ann = json.loads(path.read_text())
+    ann["val"][0]["image_path"] = ["../../etc/passwd"]
+    path.write_text(json.dumps(ann))
+    report = check_dataset(path, progress=False)
+    assert not report.ok and not report.missing and not report.unreadable
+    assert report.outside_root == [f"val id='val_000': image path '../../etc/passwd' leaves {root}"]
+    assert "outside root: val id='val_000'" in report.format()
+    allowed = check_dataset(path, progress=False, allow_outside_root=True)
+    assert not allowed.outside_root and allowed.missing == [f"val id='val_000': {root / '../../etc/passwd'}"]
+    for decode in (False, True):
+        capped = check_dataset(path, progress=False, max_pixels=1000, decode=decode)
+        assert len(capped.unreadable) == 11  # every view but the refused one: 32x32 = 1024 > 1000
+        assert capped.unreadable[0].endswith(
+            "is 32x32 = 1,024 pixels, over the max_pixels cap of 1,000 pixels"
+        )

@@ -8,6 +8,7 @@ import torch
 
 from amrg.data import Batch, IUXrayDataModule, MIMICCXRDataModule, ReportDataModule
 from amrg.data.datamodules import CheXpertPlusDataModule
+from tests.conftest import write_image
 
 
 def test_report_datamodule_batches(make_dataset) -> None:
@@ -94,3 +95,30 @@ def test_hparams_hold_no_path_objects(tmp_path: Path) -> None:
         SyntheticDataModule(root=tmp_path, n=4),
     ):
         assert not any(isinstance(v, Path) for v in dm.hparams.values()), dict(dm.hparams)
+
+
+def test_max_pixels_and_allow_outside_root_reach_the_datasets(make_dataset, tmp_path: Path) -> None:
+    from amrg.data.images import OutsideRootError
+
+    path = make_dataset(size=32)
+    ann = json.loads(path.read_text())
+    ann["train"][0]["image_path"] = ["../outside.png"]
+    write_image(path.parent.parent / "outside.png")
+    path.write_text(json.dumps(ann))
+    dm = ReportDataModule(path, image_size=16, batch_size=8, num_workers=0)
+    with pytest.raises(OutsideRootError, match=r"train id='train_000': image path '../outside.png' leaves"):
+        dm.setup("fit")
+    dm = ReportDataModule(path, image_size=16, batch_size=8, num_workers=0, allow_outside_root=True)
+    dm.setup("fit")
+    assert len(next(iter(dm.train_dataloader()))) == 4
+    dm = ReportDataModule(
+        path,
+        image_size=16,
+        batch_size=8,
+        num_workers=0,
+        allow_outside_root=True,
+        max_pixels=100,
+        on_bad_image="skip",
+    )
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader())) is None  # every 32x32 view is over the cap: all skipped

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from amrg.data.dataset import ReportDataset, collate_studies
-from amrg.data.images import BadImageError
+from amrg.data.images import BadImageError, ImageTooLargeError, OutsideRootError
 from amrg.data.schema import Study, load_annotation
 from tests.conftest import write_image
 from tests.data.test_dicom import write_dicom
@@ -104,3 +104,47 @@ def test_bad_arguments() -> None:
         ReportDataset([], Path("."), max_views=0)
     with pytest.raises(ValueError, match="on_bad_image must be"):
         ReportDataset([], Path("."), on_bad_image="ignore")  # type: ignore[arg-type]
+
+
+def test_image_paths_outside_the_root_are_refused_unless_allowed(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    write_image(root / "in" / "0.png")
+    write_image(tmp_path / "secret.png", seed=3)
+    studies = [
+        _study("in"),
+        Study("up", "r", ("../secret.png",), "train", None),
+        Study("abs", "r", (str(tmp_path / "secret.png"),), "train", None),
+    ]
+    for mode in ("error", "skip"):  # a path escape is a refused annotation, not a bad image to skip
+        with pytest.raises(OutsideRootError) as err:
+            ReportDataset(studies, root, image_size=16, split="train", on_bad_image=mode)
+        assert str(err.value) == (
+            f"train id='up': image path '../secret.png' leaves the image root {root}; and 1 more such "
+            "path(s) (set data.init_args.allow_outside_root=true to read such paths)"
+        )
+    ds = ReportDataset(studies, root, image_size=16, allow_outside_root=True)
+    assert torch.equal(ds[1]["images"], ds[2]["images"])  # both read secret.png
+
+
+def test_too_large_image_fails_naming_the_flag_or_is_skipped(tmp_path: Path, caplog) -> None:
+    write_image(tmp_path / "big" / "0.png", size=40)
+    write_image(tmp_path / "ok" / "0.png", size=20)
+    studies = [_study("ok"), _study("big")]
+    ds = ReportDataset(studies, tmp_path, image_size=16, split="val", max_pixels=1000)
+    assert ds[0]["images"].shape == (2, 3, 16, 16)
+    big = tmp_path / "big" / "0.png"
+    msg = (
+        f"val id='big': image {big} is 40x40 = 1,600 pixels, over the max_pixels cap of 1,000 pixels "
+        "(set data.init_args.max_pixels)"
+    )
+    with pytest.raises(ImageTooLargeError) as err:
+        ds[1]
+    assert str(err.value) == msg
+    skipping = ReportDataset(
+        studies, tmp_path, image_size=16, split="val", max_pixels=1000, on_bad_image="skip"
+    )
+    with caplog.at_level(logging.WARNING):
+        assert skipping[1] is None and skipping.skipped == 1
+    assert msg in caplog.text
+    with pytest.raises(ValueError, match="max_pixels must be >= 1 or None, got 0"):
+        ReportDataset(studies, tmp_path, max_pixels=0)
