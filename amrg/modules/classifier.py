@@ -238,24 +238,32 @@ class ClassifierModule(LightningModule):
         loss, targets = self.loss_fn(logits, batch.labels)
         return loss, torch.sigmoid(logits.detach().float()), targets
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch | None, batch_idx: int) -> Tensor | None:
+        if batch is None:  # every study of the batch was skipped (on_bad_image="skip"): no step
+            return None
         loss, probs, targets = self.model_step(batch)
         self.train_metrics.update(probs, targets)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch))
         return loss
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+    def validation_step(self, batch: Batch | None, batch_idx: int) -> None:
+        if batch is None:
+            return
         loss, probs, targets = self.model_step(batch)
         self.val_metrics.update(probs, targets)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch), sync_dist=True)
 
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
+    def test_step(self, batch: Batch | None, batch_idx: int) -> None:
+        if batch is None:
+            return
         loss, probs, targets = self.model_step(batch)
         self.test_metrics.update(probs, targets)
         self.log("test/loss", loss, on_epoch=True, batch_size=len(batch), sync_dist=True)
 
-    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        """``{"ids": list[str], "probs": [B, 14]}`` in CheXbert label order."""
+    def predict_step(self, batch: Batch | None, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """``{"ids": list[str], "probs": [B, 14]}`` in CheXbert label order (B = 0 for a skipped batch)."""
+        if batch is None:
+            return {"ids": [], "probs": torch.zeros(0, NUM_LABELS)}
         return {"ids": list(batch.ids), "probs": torch.sigmoid(self(batch.images, batch.view_mask).float())}
 
     # ------------------------------------------------------------------ metrics

@@ -634,3 +634,31 @@ def test_demo_stage1_last_ckpt_is_the_last_epoch_when_the_best_is_not(tmp_path, 
         assert torch.allclose(load_stage1(folder / "last.ckpt")(x, mask), expected, atol=1e-5)
         first = load_stage1(folder / "best.ckpt")(x, mask)
     assert not torch.allclose(first, expected, atol=1e-5)  # epoch 0's weights, not the last ones
+
+
+def test_skip_mode_batches_with_every_study_skipped_are_stepped_over(make_dataset, tmp_path):
+    from amrg.data.datamodules import ReportDataModule
+
+    path = make_dataset(size=32)
+    for bad in ("train_000", "train_001", "train_002", "val_000", "val_001"):  # train_003 stays good
+        for png in (path.parent / bad).glob("*.png"):
+            png.write_bytes(b"not an image")
+    data = ReportDataModule(
+        path,
+        image_size=32,
+        batch_size=2,
+        num_workers=0,
+        augment=False,
+        on_bad_image="skip",
+        predict_split="val",
+    )
+    module = _module(optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    # 4 train studies in batches of 2: whatever the shuffle, one batch is all skipped, one keeps train_003
+    trainer = _trainer(tmp_path, max_steps=-1, max_epochs=1, limit_val_batches=None)
+    trainer.fit(module, data)  # used to fail: 'NoneType' object has no attribute 'images'
+    assert trainer.global_step == 1 and "train/loss" in trainer.callback_metrics
+    assert "val/loss" not in trainer.callback_metrics  # the only val batch was skipped
+    out = trainer.predict(module, data)
+    assert len(out) == 1 and out[0]["ids"] == [] and out[0]["probs"].shape == (0, 14)
+    trainer.test(module, data)  # the test split is whole
+    assert "test/loss" in trainer.callback_metrics
