@@ -89,7 +89,7 @@ def instantiate_checked(config: dict[str, Any], base: type, source: str) -> Any:
 
     Raises:
         UntrustedCheckpointError: a class path outside the allow-list (nothing is imported).
-        ValueError: the config does not parse (names ``source``).
+        CheckpointError: the config does not parse (names ``source``).
     """
     check_class_paths(config, source)
     from jsonargparse import ArgumentParser
@@ -99,7 +99,7 @@ def instantiate_checked(config: dict[str, Any], base: type, source: str) -> Any:
     try:
         cfg = parser.parse_object({"obj": config})
     except Exception as err:  # jsonargparse raises its own error types; re-raise naming the file
-        raise ValueError(f"{source}: cannot parse the stored {base.__name__} config: {err}") from err
+        raise CheckpointError(f"{source}: cannot parse the stored {base.__name__} config: {err}") from err
     # jsonargparse >= 4.49 renamed instantiate_classes to instantiate.
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     return instantiate(cfg).obj
@@ -117,7 +117,7 @@ def check_written_by(ckpt: dict[str, Any], expected: str, source: str) -> None:
     """Refuse a checkpoint written by another LightningModule class than ``expected`` (a class path).
 
     Raises:
-        ValueError: names both classes (e.g. a stage-2 checkpoint given to a stage-1 run).
+        CheckpointError: names both classes (e.g. a stage-2 checkpoint given to a stage-1 run).
     """
     found = written_by(ckpt)
     # Full class paths when both are (a recipe may name the class alone, which jsonargparse resolves).
@@ -127,7 +127,7 @@ def check_written_by(ckpt: dict[str, Any], expected: str, source: str) -> None:
         else str(found).split(".")[-1] == expected.split(".")[-1]
     )
     if found is not None and not same:
-        raise ValueError(
+        raise CheckpointError(
             f"{source} was written by {found}, but this run trains {expected}; give a checkpoint of the same "
             "stage (stage 1: ClassifierModule, stage 2: ReporterModule)"
         )

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
+import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +20,12 @@ import torch
 
 from amrg._state import state_dict_mismatch
 from amrg.checkpoints.safety import MODULE_KEY, check_class_paths, instantiate_checked
+from amrg.errors import CheckpointError, reading
 from amrg.labels import LABELS, NUM_LABELS
 from amrg.models.classifier import DiseaseClassifier
 
 __all__ = [
+    "check_lightning_checkpoint",
     "clear_weight_sources",
     "classifier_from_config",
     "file_sha256",
@@ -38,6 +43,9 @@ _WEIGHT_SOURCES: dict[str, Any] = {"checkpoint_path": None, "pretrained": False,
 # pathlib's plain path classes, nothing else, in the weights-only unpickler.
 _SAFE_GLOBALS = [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
 
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE2_MAGIC = b"\x80\x02"
+
 
 def file_sha256(path: Path | str) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
@@ -51,6 +59,10 @@ def file_sha256(path: Path | str) -> str:
 def read_checkpoint(path: Path | str, what: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """``torch.load(weights_only=True)`` a Lightning checkpoint, naming the file on every failure.
 
+    The file's first bytes are checked before torch reads it, so random bytes, an empty or truncated file
+    and a pickle of arbitrary objects each get a message saying which it is (never torch's advice to retry
+    with ``weights_only=False``).
+
     Args:
         path: the ``.ckpt`` file.
         what: what it should be, for messages (e.g. ``"stage-1 checkpoint"``).
@@ -58,23 +70,88 @@ def read_checkpoint(path: Path | str, what: str, map_location: str | torch.devic
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a readable checkpoint, or no ``state_dict`` in it.
+        CheckpointError: not a readable checkpoint, or no ``state_dict`` in it (a plain state dict).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} '{path}' not found")
+    expected = "expected a .ckpt file written by `amrg fit`"
+    with reading(path, what):
+        with path.open("rb") as f:
+            head = f.read(4)
+    if not head:
+        raise CheckpointError(
+            f"{what} '{path}' could not be read as a checkpoint: the file is empty; {expected}"
+        )
+    # torch.save writes a zip archive (torch >= 1.6) or, in the legacy format, a protocol-2 pickle
+    if not head.startswith((_ZIP_MAGIC, _PICKLE2_MAGIC)):
+        raise CheckpointError(
+            f"{what} '{path}' could not be read as a checkpoint: not a file torch.save wrote (neither a zip "
+            f"nor a pickle header); {expected}"
+        )
     try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(_SAFE_GLOBALS), warnings.catch_warnings():
+            # the weights-only unpickler warns about the pickle protocol of a non-torch pickle; the error says it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch.load's own errors on a file that is no checkpoint (or not plain data)
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        raise ValueError(
-            f"{what} '{path}' could not be read as a checkpoint ({type(err).__name__}: {first}); expected a "
-            ".ckpt file written by `amrg fit`"
+        raise CheckpointError(
+            f"{what} '{path}' could not be read as a checkpoint: {_load_failure(err)}; {expected}"
         ) from err
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(f"{what} '{path}': not a Lightning checkpoint (no 'state_dict')")
+        if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            found = f"a plain state dict ({len(ckpt)} tensors, e.g. {next(iter(ckpt))!r})"
+        elif isinstance(ckpt, dict):
+            found = f"a dict with keys {sorted(map(str, ckpt))[:8]}"
+        else:
+            found = f"a {type(ckpt).__name__}"
+        raise CheckpointError(
+            f"{what} '{path}' is {found}, not a Lightning checkpoint (no 'state_dict'); {expected}"
+        )
     return ckpt
+
+
+def _load_failure(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in words."""
+    text = " ".join(str(err).split())
+    if isinstance(err, EOFError) or "central directory" in text or "truncated" in text.lower():
+        return "it is truncated or damaged (torch.load could not read it whole)"
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return (
+            f"it holds a Python object of class {found.group(1)}, not only tensors and plain data: refused, because "
+            "unpickling it could run code (amrg reads checkpoints with weights_only=True)"
+        )
+    if isinstance(err, pickle.UnpicklingError) or "WeightsUnpickler" in text:
+        return "its pickle is damaged or was not written by torch.save"
+    return f"{type(err).__name__}: {text[:160]}"
+
+
+def check_lightning_checkpoint(ckpt: dict[str, Any], source: str, resume: bool) -> None:
+    """Refuse a checkpoint that Lightning cannot restore, before Lightning reads it.
+
+    Args:
+        ckpt: the checkpoint as :func:`read_checkpoint` returned it.
+        source: how to name it (e.g. ``"--ckpt_path 'x.ckpt'"``).
+        resume: ``fit`` resumes training, which also needs the optimiser and scheduler states.
+
+    Raises:
+        CheckpointError: names the keys Lightning needs that are missing.
+    """
+    needed = ["state_dict", "pytorch-lightning_version"]
+    if resume:
+        needed += ["optimizer_states", "lr_schedulers"]
+    missing = [k for k in needed if k not in ckpt]
+    if not missing:
+        return
+    if "pytorch-lightning_version" in missing:
+        raise CheckpointError(
+            f"{source} was not written by Lightning (no {missing}); give a .ckpt that `amrg fit` wrote"
+        )
+    raise CheckpointError(
+        f"{source} holds the weights only (no {missing}: saved with save_weights_only), so training cannot "
+        "resume from it; give a full checkpoint such as last.ckpt"
+    )
 
 
 def clear_weight_sources(config: Any) -> Any:
@@ -95,10 +172,10 @@ def stage1_net_config(ckpt: dict[str, Any], source: str) -> dict[str, Any]:
     """The net config stored in a stage-1 checkpoint, weight sources cleared and class paths checked."""
     module = ckpt.get(MODULE_KEY)
     if module is not None and not str(module).endswith("ClassifierModule"):
-        raise ValueError(f"{source} was written by {module}, not by a stage-1 ClassifierModule")
+        raise CheckpointError(f"{source} was written by {module}, not by a stage-1 ClassifierModule")
     config = (ckpt.get("hyper_parameters") or {}).get("net")
     if not isinstance(config, dict) or "class_path" not in config:
-        raise ValueError(
+        raise CheckpointError(
             f"{source}: holds no net config (hyper_parameters['net'] with class_path/init_args); it was "
             "written by a ClassifierModule built in Python rather than by `amrg fit`. Build the "
             "DiseaseClassifier yourself and pass it as net="
@@ -133,7 +210,7 @@ def load_stage1(
     Raises:
         FileNotFoundError: no such file.
         UntrustedCheckpointError: the stored config names a class outside the allow-list.
-        ValueError: no net config and no ``net`` given, another label set, or weights that do not fit.
+        CheckpointError: no net config and no ``net`` given, another label set, or weights that do not fit.
     """
     source = f"stage-1 checkpoint '{path}'"
     if ckpt is None:
@@ -143,13 +220,13 @@ def load_stage1(
     state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     bad = state_dict_mismatch(net, state)
     if bad:
-        raise ValueError(
+        raise CheckpointError(
             f"{source}: weights do not fit {type(net).__name__}: missing {bad.missing}, "
             f"unexpected {bad.unexpected}, mis-shaped {bad.mismatched}"
         )
     net.load_state_dict(state, strict=True)
     if net.num_labels != NUM_LABELS:
-        raise ValueError(
+        raise CheckpointError(
             f"{source} predicts {net.num_labels} labels, but amrg needs the {NUM_LABELS} CheXpert labels "
             f"({', '.join(LABELS)})"
         )
