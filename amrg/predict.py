@@ -14,6 +14,13 @@ items the report's visual prefix recalled most (see :meth:`ReportGenerator.expla
 source view, box and image of a visual patch where the memory recorded them. A stage-1 checkpoint gives
 ``{"id", "probabilities"}`` lines. With ``figures``, one PNG per study shows the evidence
 (:mod:`amrg.figures`). Prediction goes through :class:`amrg.inference.Predictor`, as ``amrg.load`` does.
+
+Outputs are checked before the model loads: an output path that is an input (an image, the checkpoint, the
+references), an existing folder, or a folder that cannot be written is refused with one line. The JSONL is
+written under a temp name beside it and renamed when whole. An image that passes the up-front header check
+but fails to decode mid-run stops the run naming it, with the studies finished before it kept in
+``<out stem>.partial<suffix>`` (``on_bad_image="error"``), or leaves its study out and lists it
+(``on_bad_image="skip"``); a half-written file never has the final name.
 """
 
 from __future__ import annotations
@@ -24,15 +31,23 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from amrg.data.dicom import DICOM_SUFFIXES, has_dicom_marker, is_dicom
 from amrg.data.images import BadImageError, image_problem
-from amrg.errors import InputError
+from amrg.errors import ConfigError, InputError, OutputError, writing
 
-__all__ = ["IMAGE_SUFFIXES", "PredictInputError", "StudyFiles", "collect_studies", "predict_images"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "PredictInputError",
+    "StudyFiles",
+    "collect_studies",
+    "partial_path",
+    "predict_images",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -160,6 +175,33 @@ def _references(annotation: Path) -> dict[str, str]:
     return {study.id: study.report for study in load_annotation(annotation)}
 
 
+def partial_path(out: Path | str) -> Path:
+    """Where :func:`predict_images` keeps the finished studies of a run an unreadable image stopped."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.partial{out.suffix}")
+
+
+def _check_output(out: Path, studies: Sequence[StudyFiles], others: dict[str, Path | None]) -> None:
+    """Refuse an output path that is an input or a folder, before anything slow runs.
+
+    Raises:
+        OutputError: naming the output and the input it would overwrite.
+    """
+    target = out.resolve()
+    if out.is_dir():
+        raise OutputError(
+            f"cannot write predictions '{out}': it is a folder; give a file name such as "
+            f"'{out / 'predictions.jsonl'}'"
+        )
+    inputs = {image.resolve(): f"input image '{image}'" for study in studies for image in study.paths}
+    inputs.update({Path(p).resolve(): f"{what} '{p}'" for what, p in others.items() if p is not None})
+    if target in inputs:
+        raise OutputError(
+            f"cannot write predictions '{out}': it is the {inputs[target]} of this run; refusing to overwrite "
+            "it (give another output file)"
+        )
+
+
 def predict_images(
     checkpoint: Path,
     inputs: Sequence[Path],
@@ -178,6 +220,7 @@ def predict_images(
     figures: Path | None = None,
     references: Path | None = None,
     memory_image_root: Path | None = None,
+    on_bad_image: Literal["error", "skip"] = "error",
 ) -> Path:
     """Write one JSONL line per study with its report, label probabilities and recalled memory items.
 
@@ -190,7 +233,7 @@ def predict_images(
         checkpoint: a stage-2 ``.ckpt`` written by :class:`~amrg.modules.reporter.ReporterModule`, or a
             stage-1 one (:class:`~amrg.modules.classifier.ClassifierModule`).
         inputs: image files and/or folders of images (see :func:`collect_studies`).
-        out: the JSONL file to write (parent folders are created).
+        out: the JSONL file to write (parent folders are created); never one of the inputs or a folder.
         batch_size: studies per forward pass.
         device: torch device, e.g. ``"cpu"``, ``"cuda"`` or ``"auto"``.
         top_k_explanations: recalled items per memory and study (0 for none).
@@ -209,13 +252,19 @@ def predict_images(
             matched by study id (any split).
         memory_image_root: the folder the visual memory's source images are relative to, when they moved
             since the memory was built (default: the folder the build recorded).
+        on_bad_image: an image that passes the up-front header check but cannot be decoded: ``error`` stops
+            naming it and keeps the studies finished before it in ``<out stem>.partial<suffix>`` (``out``
+            is not written); ``skip`` leaves its study out, logs it and says how many were skipped.
 
     Returns:
         ``out``.
 
     Raises:
         FileNotFoundError: the checkpoint (or the references file) does not exist.
-        PredictInputError: a missing, non-image or unreadable input (all listed in one message).
+        PredictInputError: a missing, non-image or unreadable input (all listed in one message), or an
+            image that fails to decode mid-run (``on_bad_image="error"``; the message names the partial file).
+        OutputError: ``out`` is an input or a folder, or its folder cannot be written.
+        ConfigError: bad options.
     """
     from amrg.inference import load  # heavy (transformers): import on use
 
@@ -226,60 +275,141 @@ def predict_images(
             "stage 1)"
         )
     if batch_size < 1 or max_views < 1 or top_k_explanations < 0:
-        raise ValueError(
+        raise ConfigError(
             f"need batch_size >= 1, max_views >= 1 and top_k_explanations >= 0, got {batch_size}, "
             f"{max_views}, "
             f"{top_k_explanations}"
         )
-    studies = collect_studies(inputs, group_views=group_views)
-    known = _references(Path(references)) if references is not None else {}
-    predictor = load(
-        checkpoint,
-        device=device,
-        llm_path=llm_path,
-        trust_remote_code=trust_remote_code,
-        memory_image_root=memory_image_root,
-    )
-    decoding = {"num_beams": num_beams, "min_new_tokens": min_new_tokens, "max_new_tokens": max_new_tokens}
-    if predictor.stage == 1 and any(v is not None for v in decoding.values()):
-        raise ValueError(
-            f"checkpoint '{checkpoint}' is a stage-1 classifier: it writes no report, so --num_beams, "
-            "--min_new_tokens and --max_new_tokens do not apply"
-        )
-    _logger.info("predicting %d studies from %s on %s", len(studies), checkpoint, predictor.device)
-
+    if on_bad_image not in ("error", "skip"):
+        raise ConfigError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    studies = collect_studies(inputs, group_views=group_views)
+    _check_output(out, studies, {"checkpoint": checkpoint, "references file": references})
+    if figures is not None and Path(figures).exists() and not Path(figures).is_dir():
+        raise OutputError(f"cannot write figures into '{figures}': it is a file, not a folder")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    batches = [studies[i : i + batch_size] for i in range(0, len(studies), batch_size)]
+    # The output folder is made and a temp file opened in it now, so a read-only or missing folder fails
+    # before the model loads rather than after the whole run.
+    with writing(out, "predictions"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle = tmp.open("w", encoding="utf-8")
     try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            for batch in tqdm(batches, desc="predict", unit="batch", disable=not progress):
-                try:
-                    predictions = predictor.predict_many(
-                        [study.paths for study in batch],
-                        ids=[study.id for study in batch],
-                        references=[known.get(study.id) for study in batch],
-                        batch_size=len(batch),
-                        max_views=max_views,
-                        top_k=top_k_explanations if predictor.stage == 2 else 0,
-                        cam_labels=3 if figures is not None else 0,
-                        **decoding,
-                    )
-                except BadImageError as err:
-                    raise PredictInputError(f"{err}; expected {_EXPECTED}") from None
-                for prediction in predictions:
-                    handle.write(json.dumps(prediction.as_dict(), ensure_ascii=False) + "\n")
-                    if figures is not None:
-                        from amrg.figures import save_study_figure
+        if figures is not None:
+            with writing(figures, "figures"):
+                Path(figures).mkdir(parents=True, exist_ok=True)
+        known = _references(Path(references)) if references is not None else {}
+        predictor = load(
+            checkpoint,
+            device=device,
+            llm_path=llm_path,
+            trust_remote_code=trust_remote_code,
+            memory_image_root=memory_image_root,
+        )
+        decoding = {
+            "num_beams": num_beams,
+            "min_new_tokens": min_new_tokens,
+            "max_new_tokens": max_new_tokens,
+        }
+        if predictor.stage == 1 and any(v is not None for v in decoding.values()):
+            raise ConfigError(
+                f"checkpoint '{checkpoint}' is a stage-1 classifier: it writes no report, so --num_beams, "
+                "--min_new_tokens and --max_new_tokens do not apply"
+            )
+        _logger.info("predicting %d studies from %s on %s", len(studies), checkpoint, predictor.device)
 
-                        save_study_figure(
-                            prediction, Path(figures) / f"{prediction.id}.png", predictor.memory_image_root
-                        )
-        os.replace(tmp, out)
+        def predict(batch: list[StudyFiles]) -> list[Any]:
+            return predictor.predict_many(
+                [study.paths for study in batch],
+                ids=[study.id for study in batch],
+                references=[known.get(study.id) for study in batch],
+                batch_size=len(batch),
+                max_views=max_views,
+                top_k=top_k_explanations if predictor.stage == 2 else 0,
+                cam_labels=3 if figures is not None else 0,
+                **decoding,
+            )
+
+        written, skipped = 0, []
+        failed: tuple[StudyFiles, BadImageError] | None = None
+        batches = [studies[i : i + batch_size] for i in range(0, len(studies), batch_size)]
+        for batch in tqdm(batches, desc="predict", unit="batch", disable=not progress):
+            predictions, bad = _predict_or_each(predict, batch, stop_at_first=on_bad_image == "error")
+            for prediction in predictions:
+                with writing(out, "predictions"):
+                    handle.write(json.dumps(prediction.as_dict(), ensure_ascii=False) + "\n")
+                written += 1
+                if figures is not None:
+                    from amrg.figures import save_study_figure
+
+                    figure = Path(figures) / f"{prediction.id}.png"
+                    with writing(figure, "figure"):
+                        save_study_figure(prediction, figure, predictor.memory_image_root)
+            for study, err in bad:
+                _logger.warning("skipping study %r (on_bad_image=skip): %s", study.id, err)
+            skipped += [study.id for study, _ in bad]
+            if bad and on_bad_image == "error":
+                failed = bad[0]
+                break
+        with writing(out, "predictions"):
+            handle.close()
+        if failed is not None:
+            study, err = failed
+            kept = f"'{out}' was not written"
+            if written:
+                partial = partial_path(out)
+                with writing(partial, "partial predictions"):
+                    os.replace(tmp, partial)
+                kept = f"the {written} studies finished before it are in '{partial}'; {kept}"
+            raise PredictInputError(
+                f"study {study.id!r}: {err}; {kept} (--on_bad_image skip leaves such studies out)"
+            )
+        if not written:
+            raise PredictInputError(
+                f"cannot predict: every one of the {len(studies)} studies has an image that cannot be decoded "
+                f"(on_bad_image=skip): {skipped[:_MAX_LISTED]}; '{out}' was not written"
+            )
+        with writing(out, "predictions"):
+            os.replace(tmp, out)
     finally:
+        handle.close()
         tmp.unlink(missing_ok=True)
-    _logger.info("wrote %d %s to %s", len(studies), "reports" if predictor.stage == 2 else "predictions", out)
+    if skipped:
+        shown = ", ".join(repr(s) for s in skipped[:_MAX_LISTED])
+        more = f" and {len(skipped) - _MAX_LISTED} more" if len(skipped) > _MAX_LISTED else ""
+        _logger.warning(
+            "skipped %d of %d studies with an image that cannot be decoded (on_bad_image=skip): %s%s",
+            len(skipped),
+            len(studies),
+            shown,
+            more,
+        )
+    _logger.info("wrote %d %s to %s", written, "reports" if predictor.stage == 2 else "predictions", out)
     if figures is not None:
-        _logger.info("wrote %d figures to %s", len(studies), figures)
+        _logger.info("wrote %d figures to %s", written, figures)
     return out
+
+
+def _predict_or_each(
+    predict: Any, batch: list[StudyFiles], stop_at_first: bool
+) -> tuple[list[Any], list[tuple[StudyFiles, BadImageError]]]:
+    """Predict a batch; when one of its images cannot be decoded, predict its studies one by one.
+
+    Returns:
+        The predictions of the studies that could be read (in order, up to the first bad one when
+        ``stop_at_first``) and each bad study with its error.
+    """
+    try:
+        return predict(batch), []
+    except BadImageError as err:
+        if len(batch) == 1:
+            return [], [(batch[0], err)]
+    done: list[Any] = []
+    bad: list[tuple[StudyFiles, BadImageError]] = []
+    for study in batch:
+        try:
+            done += predict([study])
+        except BadImageError as err:
+            bad.append((study, err))
+            if stop_at_first:
+                break
+    return done, bad

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from amrg.errors import OutputError
 from amrg.labels import LABELS
-from amrg.predict import PredictInputError, collect_studies, predict_images
+from amrg.predict import PredictInputError, collect_studies, partial_path, predict_images
 from tests.checkpoints.test_stage2 import build, save, stage2_files
 from tests.conftest import write_image
 from tests.data.test_dicom import write_dicom
@@ -211,3 +212,76 @@ def test_a_stage1_checkpoint_writes_probabilities(images: Path, tmp_path: Path) 
     assert list(line) == ["id", "probabilities"] and list(line["probabilities"]) == list(LABELS)
     with pytest.raises(ValueError, match="is a stage-1 classifier: it writes no report"):
         predict_images(stage1, [images / "single.png"], tmp_path / "q.jsonl", max_new_tokens=3)
+
+
+def _truncated_jpeg(path: Path) -> Path:
+    """A JPEG cut in half: its header passes the up-front check, decoding it fails mid-run."""
+    write_image(path, size=128, mode="RGB", seed=9)  # big enough that half is in the scan data
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_an_output_that_is_an_input_or_a_folder_is_refused_before_the_run(
+    checkpoint: Path, images: Path, tmp_path: Path
+) -> None:
+    single = images / "single.png"
+    before = single.read_bytes()
+    with pytest.raises(OutputError, match=r"it is the input image '.*single.png' of this run; refusing"):
+        predict_images(checkpoint, [images / "folder", single], single, progress=False)
+    assert single.read_bytes() == before
+    with pytest.raises(OutputError, match=r"it is the checkpoint '.*stage2.ckpt' of this run"):
+        predict_images(checkpoint, [single], checkpoint, progress=False)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(OutputError, match=r"cannot write predictions '.*out': it is a folder; give a file"):
+        predict_images(checkpoint, [single], folder, progress=False)
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("a file where the output folder should be")
+    with pytest.raises(OutputError, match=r"cannot write predictions '.*a_file/p.jsonl'"):
+        predict_images(checkpoint, [single], in_the_way / "p.jsonl", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "in", "out"]  # no temp file left
+
+
+def test_a_corrupt_image_mid_run_keeps_the_finished_studies_in_a_partial_file(
+    checkpoint: Path, images: Path, tmp_path: Path
+) -> None:
+    _truncated_jpeg(images / "folder" / "z_broken.jpg")  # sorts last: studies a, sub/b, then z_broken
+    out = tmp_path / "pred.jsonl"
+    out.write_text("an earlier run's file\n")
+    with pytest.raises(PredictInputError) as err:
+        predict_images(checkpoint, [images / "folder"], out, batch_size=2, progress=False, max_new_tokens=3)
+    message = str(err.value)
+    assert (
+        message.startswith("study 'z_broken': image ") and "z_broken.jpg is unreadable or corrupt" in message
+    )
+    assert f"the 2 studies finished before it are in '{tmp_path / 'pred.partial.jsonl'}'" in message
+    assert "\n" not in message
+    assert out.read_text() == "an earlier run's file\n"  # the final name is never half-written
+    partial = [json.loads(line)["id"] for line in partial_path(out).read_text().splitlines()]
+    assert partial == ["a", "sub/b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "pred.jsonl", "pred.partial.jsonl"]
+
+
+def test_skip_leaves_out_studies_whose_image_cannot_be_decoded(
+    checkpoint: Path, images: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _truncated_jpeg(images / "folder" / "m_broken.jpg")  # in the middle of a batch: a, m_broken | sub/b
+    out = predict_images(
+        checkpoint,
+        [images / "folder"],
+        tmp_path / "pred.jsonl",
+        batch_size=2,
+        progress=False,
+        max_new_tokens=3,
+        on_bad_image="skip",
+    )
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "sub/b"]
+    assert "skipped 1 of 3 studies with an image that cannot be decoded (on_bad_image=skip): 'm_broken'" in (
+        caplog.text
+    )
+    with pytest.raises(PredictInputError, match=r"every one of the 1 studies has an image that cannot be"):
+        predict_images(
+            checkpoint, [images / "folder" / "m_broken.jpg"], tmp_path / "none.jsonl", on_bad_image="skip"
+        )
+    assert not (tmp_path / "none.jsonl").exists()
