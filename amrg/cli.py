@@ -3,14 +3,23 @@
 ``fit|validate|test|predict`` go through LightningCLI (subclass mode for model and data); the
 other commands are plain typed functions that jsonargparse dispatches, their help taken from the
 docstrings. ``COMMANDS`` is the one table of subcommands; a test keeps it in step with the parsers.
+
+Errors: :func:`main` prints amrg's own errors (:class:`amrg.errors.AmrgError`) and the OS, decoding and
+JSON errors met on a user's file as one line ``amrg: error: <message>`` on stderr and exits with status 1
+(130 when interrupted); ``--debug`` anywhere on the command line, or ``AMRG_DEBUG=1``, shows the
+traceback instead. jsonargparse's usage errors keep their own output and status 2.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
+
+from amrg.errors import AmrgError, ConfigError, InputError
 
 __all__ = ["COMMANDS", "lightning_cli", "main"]
 
@@ -41,15 +50,22 @@ def data_synth(
     """
     from amrg.data.synthetic import synthesize
 
-    path = synthesize(
-        out,
-        n=n,
-        seed=seed,
-        image_size=image_size,
-        two_view_prob=two_view_prob,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-    )
+    try:
+        path = synthesize(
+            out,
+            n=n,
+            seed=seed,
+            image_size=image_size,
+            two_view_prob=two_view_prob,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+        )
+    except ValueError as err:
+        # NOTE: synthesize checks its options with plain ValueErrors ("synthesize: n must be ..."); one line
+        # here until it raises ConfigError (issue 14)
+        if isinstance(err, AmrgError):
+            raise
+        raise ConfigError(f"data synth: {err}") from err
     print(f"wrote {n} synthetic studies: {path}")
 
 
@@ -72,8 +88,10 @@ def data_iu_synth(*, out: Path, reports: Path, seed: int = 0, image_size: int = 
     try:
         res = iu_synthesize(out, reports, seed=seed, image_size=image_size)
     except (FileNotFoundError, ValueError) as err:
-        print(f"amrg data iu-synth: {err}", file=sys.stderr)
-        sys.exit(1)
+        # iu_synthesize names the option and file in plain FileNotFoundError/ValueError messages
+        if isinstance(err, AmrgError):
+            raise
+        raise InputError(f"data iu-synth: {err}") from err
     counts = ", ".join(f"{k} {v}" for k, v in res.counts.items())
     print(
         f"wrote {sum(res.counts.values())} IU studies ({counts}; {len(res.skipped)} skipped "
@@ -121,7 +139,13 @@ def data_preview(
     from amrg.data.preview import preview_grid
 
     root = image_root if image_root is not None else annotation.parent
-    path = preview_grid(annotation, root, out, n=n, split=split, seed=seed)
+    try:
+        path = preview_grid(annotation, root, out, n=n, split=split, seed=seed)
+    except ValueError as err:
+        # preview_grid names the option (n, split) in plain ValueErrors
+        if isinstance(err, AmrgError):
+            raise
+        raise InputError(f"data preview: {err}") from err
     print(f"wrote {path}")
 
 
@@ -164,9 +188,12 @@ def _serve_handler() -> Callable[..., None]:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         try:
             serve(*args, **kwargs)
-        except (FileNotFoundError, ImportError, ValueError) as err:
-            print(f"amrg serve: {err}", file=sys.stderr)
-            sys.exit(1)
+        except ImportError as err:  # Gradio is an optional extra
+            raise ConfigError(f"serve: {err}") from err
+        except ValueError as err:
+            if isinstance(err, AmrgError):
+                raise
+            raise InputError(f"serve: {err}") from err
 
     return run
 
@@ -230,32 +257,29 @@ def eval_predictions(
     import logging
 
     from amrg.metrics.eval_report import check_targets, markdown_table, output_paths, write_outputs
-    from amrg.metrics.evaluate import EvalInputError, evaluate_files
+    from amrg.metrics.evaluate import evaluate_files
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     json_path, md_path = output_paths(predictions, compare, out)
     given = (predictions, compare, annotation, chexbert_weights, chexbert_tokenizer)
     inputs = [p for p in given if p is not None]
-    try:
-        check_targets([json_path, md_path], inputs)  # before the slow part
-        result = evaluate_files(
-            predictions,
-            compare=compare,
-            annotation=annotation,
-            split=split,
-            cleaning=cleaning,
-            meteor=not no_meteor,
-            labeler=labeler,
-            chexbert_weights=chexbert_weights,
-            chexbert_tokenizer=chexbert_tokenizer,
-            resamples=resamples,
-            seed=seed,
-            confidence=confidence,
-        )
-        write_outputs(result, json_path, md_path, inputs)
-    except EvalInputError as err:
-        print(f"amrg eval: {err}", file=sys.stderr)
-        sys.exit(1)
+    # EvalInputError (an InputError) names the file and line; main prints it as one line
+    check_targets([json_path, md_path], inputs)  # before the slow part
+    result = evaluate_files(
+        predictions,
+        compare=compare,
+        annotation=annotation,
+        split=split,
+        cleaning=cleaning,
+        meteor=not no_meteor,
+        labeler=labeler,
+        chexbert_weights=chexbert_weights,
+        chexbert_tokenizer=chexbert_tokenizer,
+        resamples=resamples,
+        seed=seed,
+        confidence=confidence,
+    )
+    write_outputs(result, json_path, md_path, inputs)
     print(markdown_table(result).split("\n", 1)[1].lstrip("\n"), end="")
     print(f"\nwrote {json_path} and {md_path}")
 
@@ -298,8 +322,12 @@ def _usage() -> str:
     width = max(len(k) for k in COMMANDS)
     rows = "\n".join(f"  amrg {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
     return (
-        "usage: amrg COMMAND [options]   (amrg COMMAND --help for its options)\n\n"
-        "AM-MRG chest X-ray report generation.\n\ncommands:\n" + rows + "\n"
+        "usage: amrg COMMAND [options] [--debug]   (amrg COMMAND --help for its options)\n\n"
+        "AM-MRG chest X-ray report generation.\n\ncommands:\n" + rows + "\n\n"
+        "errors: a bad input or option prints one line, 'amrg: error: <message>' naming the file, record or\n"
+        "option, and exits with status 1 (2: a usage error, with the usage; 130: interrupted).\n"
+        "  --debug           (anywhere on the command line) show the full traceback instead\n"
+        f"  {_DEBUG_ENV}=1      the same, from the environment\n"
     )
 
 
@@ -400,21 +428,37 @@ def _cli_class():
         def _parse_ckpt_path(self) -> None:
             if not self.config.get("subcommand"):
                 return
-            config = self.config[self.config.subcommand]
+            subcommand = self.config.subcommand
+            config = self.config[subcommand]
             ckpt_path = config.get("ckpt_path")
-            if not ckpt_path or not Path(ckpt_path).is_file():
+            if not ckpt_path or _lightning_ckpt_alias(str(ckpt_path)):
                 return
             from amrg.checkpoints.safety import check_written_by
-            from amrg.checkpoints.stage1 import read_checkpoint
+            from amrg.checkpoints.stage1 import check_lightning_checkpoint, read_checkpoint
+            from amrg.errors import CheckpointError
 
             source = f"--ckpt_path '{ckpt_path}'"
-            ckpt = read_checkpoint(ckpt_path, "checkpoint")
+            if not Path(ckpt_path).is_file():
+                # caught here, before the trainer is built, rather than by Lightning after it
+                what = "is a folder" if Path(ckpt_path).is_dir() else "not found"
+                raise CheckpointError(
+                    f"{source} {what}: expected a .ckpt file that `amrg fit` wrote (or last, best)"
+                )
+            # Read with weights_only=True and checked here, so Lightning never unpickles a file that is not
+            # one of its checkpoints (random bytes, a plain state dict) and fails with a raw KeyError.
+            ckpt = read_checkpoint(ckpt_path, "--ckpt_path")
+            check_lightning_checkpoint(ckpt, source, resume=subcommand == "fit")
             model = config.get("model")
             expected = model.get("class_path") if hasattr(model, "get") else None
             if expected:
                 check_written_by(ckpt, str(expected), source)
 
     return AmrgCLI
+
+
+def _lightning_ckpt_alias(ckpt_path: str) -> bool:
+    """Whether ``--ckpt_path`` names a checkpoint Lightning resolves itself (last, best, hpc, registry, a URL)."""
+    return ckpt_path in ("last", "best", "hpc") or ckpt_path.startswith("registry") or "://" in ckpt_path
 
 
 def lightning_cli(args: list[str] | None, run: bool = True):
@@ -438,10 +482,89 @@ def lightning_cli(args: list[str] | None, run: bool = True):
     )
 
 
+_DEBUG_ENV = "AMRG_DEBUG"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``amrg`` console script."""
+    """Entry point of the ``amrg`` console script: runs a command, printing an error as one line.
+
+    ``--debug`` (anywhere; removed before parsing) or ``AMRG_DEBUG=1`` re-raises instead, with the
+    full traceback.
+    """
     given = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(_DEBUG_ENV, "").strip().lower() not in (
+        "",
+        "0",
+        "false",
+        "no",
+    )
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        if not given:  # LightningCLI reads sys.argv itself
+            sys.argv = [sys.argv[0], *argv]
+    try:
+        _run(argv, given)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("amrg: error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        message = _error_message(err)
+        if message is None or debug:
+            raise
+        print(f"amrg: error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+# OS errors a user's file (or output path) raises; amrg's own code also raises these with a message.
+_FILE_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
+def _error_message(err: BaseException) -> str | None:
+    """The one-line message of an error the user should see without a traceback, or None for a bug."""
+    cause: BaseException | None = err
+    for _ in range(8):  # an amrg error that jsonargparse or Lightning wrapped with `raise ... from`
+        if cause is None or isinstance(cause, AmrgError):
+            break
+        cause = cause.__cause__
+    if isinstance(cause, AmrgError):
+        return _one_line(str(cause))
+    if isinstance(err, _FILE_ERRORS):
+        if err.filename is not None:  # raised by the OS: "[Errno 2] No such file or directory: 'x'"
+            reason = (err.strerror or type(err).__name__).lower()
+            target = f" -> '{err.filename2}'" if err.filename2 is not None else ""
+            return f"'{err.filename}'{target}: {reason}"
+        return _one_line(str(err))
+    if isinstance(err, json.JSONDecodeError):  # carries no file name; the position at least
+        return f"not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+    if isinstance(err, UnicodeDecodeError):
+        return (
+            f"not UTF-8 text: byte {bytes(err.object[err.start : err.start + 1]).hex()} at offset {err.start}"
+        )
+    return None
+
+
+def _one_line(message: str) -> str:
+    """Fold a multi-line message (a heading, then one problem per line) into one line."""
+    out = ""
+    for line in message.splitlines():
+        line = line.strip()
+        line = line[2:] if line.startswith("- ") else line
+        if not line:
+            continue
+        out = line if not out else f"{out} {line}" if out.endswith(":") else f"{out}; {line}"
+    return out
+
+
+def _run(argv: list[str], given: bool) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return
