@@ -17,11 +17,12 @@ from __future__ import annotations
 import gc
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from amrg.errors import InputError
+from amrg.errors import InputError, reading
 from amrg.labels import LABELS, NUM_LABELS
 
 __all__ = ["SPLITS", "Annotation", "AnnotationError", "SignBox", "Study", "load_annotation"]
@@ -236,6 +237,30 @@ def _parse_record(rec: object, path: Path, split: str, index: int, problems: lis
     return Study(str(rec_id), report, tuple(paths), split, labels, boxes)
 
 
+def _decode_problem(err: UnicodeDecodeError) -> str:
+    """Where a non-UTF-8 byte sits: line and column, and the split and record id around it when found."""
+    data = bytes(err.object)
+    offset = err.start
+    line = data.count(b"\n", 0, offset) + 1
+    column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+    where = f"line {line}, column {column}"
+    before = data[:offset]
+    # The record is the last "id" before the byte, unless a record has opened since ("{" after it); the
+    # split is the last split key opening a list. Both read from the raw bytes: a cheap guess, said as one.
+    splits = list(re.finditer(rb'"(train|val|test)"\s*:\s*\[', before))
+    ids = list(re.finditer(rb'"id"\s*:\s*("(?:[^"\\\n]|\\.){0,200}"|-?\d+)', before))
+    context = []
+    if splits:
+        context.append(f"split {splits[-1].group(1).decode()!r}")
+    if ids and b"}" not in before[ids[-1].end() :]:
+        context.append(f"record id={ids[-1].group(1).decode('utf-8', 'replace').strip(chr(34))!r}")
+    inside = f" ({', '.join(context)})" if context else ""
+    return (
+        f"not UTF-8 text at {where}{inside}: byte {data[offset : offset + 1].hex()} ({err.reason}); "
+        "save the file as UTF-8"
+    )
+
+
 def load_annotation(path: str | Path, splits: Iterable[str] | None = None) -> Annotation:
     """Read and validate an annotation file.
 
@@ -249,6 +274,10 @@ def load_annotation(path: str | Path, splits: Iterable[str] | None = None) -> An
             a split or an id in two splits; the message lists every problem found.
     """
     path = Path(path)
+    if path.is_dir():
+        raise AnnotationError(
+            path, [f"{path}: is a folder; expected the annotation.json file (set data.init_args.annotation)"]
+        )
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} not found (set data.init_args.annotation)")
     # Hundreds of thousands of new objects would trigger repeated full cyclic-GC passes; none of
@@ -264,14 +293,20 @@ def load_annotation(path: str | Path, splits: Iterable[str] | None = None) -> An
 
 def _load(path: Path, splits: Iterable[str] | None) -> Annotation:
     try:
-        with path.open("rb") as f:
+        with reading(path, "annotation"):  # a file that cannot be opened (permissions)
+            f = path.open("rb")
+        with f:
             raw = json.load(f, object_hook=_compact_hook({}))
     except json.JSONDecodeError as e:
+        if not e.doc.strip():
+            raise AnnotationError(
+                path, [f"{path.name}: the file is empty; expected a JSON object of splits"]
+            ) from None
         raise AnnotationError(
             path, [f"{path.name}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"]
         ) from None
     except UnicodeDecodeError as e:
-        raise AnnotationError(path, [f"{path.name}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+        raise AnnotationError(path, [f"{path.name}: {_decode_problem(e)}"]) from None
     if not isinstance(raw, dict):
         raise AnnotationError(path, [f"{path.name}: top level must be an object of splits {list(SPLITS)}"])
     problems: list[str] = []

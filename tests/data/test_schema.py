@@ -111,3 +111,31 @@ def test_labels_nan_means_not_mentioned(tmp_path: Path) -> None:
         '{"train": [{"id": "a", "report": "r", "image_path": ["a.png"], "labels": [NaN, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]}]}'
     )
     assert load_annotation(path)["train"][0].labels[:2] == (None, 1)
+
+
+def test_a_non_utf8_annotation_names_the_line_and_record(tmp_path: Path) -> None:
+    path = tmp_path / "annotation.json"
+    path.write_bytes(
+        b'{"train": [\n {"id": "a", "report": "ok", "image_path": ["a.png"]},\n'
+        b' {"id": "b2", "report": "caf\xe9 lungs", "image_path": ["b.png"]}\n]}'
+    )
+    with pytest.raises(AnnotationError) as info:
+        load_annotation(path)
+    assert info.value.problems == [
+        "annotation.json: not UTF-8 text at line 3, column 29 (split 'train', record id='b2'): byte e9 "
+        "(invalid continuation byte); save the file as UTF-8"
+    ]
+    # the id comes after the bad byte: the record is not guessed from the one before
+    path.write_bytes(
+        b'{"test": [{"id": "a", "report": "r", "image_path": ["a"]}, {"report": "\xff", "id": 3}]}'
+    )
+    with pytest.raises(AnnotationError, match=r"at line 1, column 72 \(split 'test'\): byte ff"):
+        load_annotation(path)
+
+
+def test_an_empty_file_and_a_folder_are_named(tmp_path: Path) -> None:
+    path = _write(tmp_path, "  \n")
+    with pytest.raises(AnnotationError, match=r"annotation.json: the file is empty; expected a JSON object"):
+        load_annotation(path)
+    with pytest.raises(AnnotationError, match=r"is a folder; expected the annotation.json file"):
+        load_annotation(tmp_path)
