@@ -122,3 +122,36 @@ def test_max_pixels_and_allow_outside_root_reach_the_datasets(make_dataset, tmp_
     )
     dm.setup("fit")
     assert next(iter(dm.train_dataloader())) is None  # every 32x32 view is over the cap: all skipped
+
+
+@pytest.mark.slow  # two subprocesses that import Lightning
+def test_synthetic_cache_written_by_two_processes_at_once_is_one_whole_dataset(tmp_path: Path) -> None:
+    # several nodes on one shared file system each run prepare_data on their local rank 0
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from amrg.data import SyntheticDataModule; "
+        "dm = SyntheticDataModule(root=sys.argv[1], n=24, image_size=32, num_workers=0); dm.prepare_data(); "
+        "dm.setup('fit'); print(len(dm.datasets['train']))"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[2]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=repo,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    assert [out.strip() for out, _ in outs] == ["20", "20"]
+    (data_dir,) = tmp_path.iterdir()
+    assert json.loads((data_dir / "synth.json").read_text())["settings"]["n"] == 24
+    assert not list(data_dir.glob(".synth-tmp-*"))

@@ -1,24 +1,44 @@
-"""Synthetic datasets on disk: PNG views and an R2Gen ``annotation.json`` (``amrg data synth``)."""
+"""Synthetic datasets on disk: PNG views and an R2Gen ``annotation.json`` (``amrg data synth``).
+
+Several processes may write one folder at once (two ``amrg data synth`` runs, or the
+``SyntheticDataModule`` of several nodes on one shared file system). :func:`synthesize` therefore
+takes a lock in the folder (``.synth.lock``, an ``fcntl`` lock through ``filelock``: the OS drops it
+when its holder dies), renders into a temp folder inside the target folder and renames the finished
+parts into place, the annotation last. ``synth.json`` records the settings. A writer that finds the
+folder already holding a finished dataset with the same settings reuses it; one with other
+settings, or an ``annotation.json`` it did not write, is refused with one line and left as it is.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 from PIL import Image
 from tqdm import tqdm
 
 from amrg.data.synthetic.study import render_study
+from amrg.errors import ConfigError, OutputError, writing
 
-__all__ = ["PNG_LEVEL", "synthesize", "write_annotation", "write_views"]
+__all__ = ["PNG_LEVEL", "PROVENANCE", "synthesize", "write_annotation", "write_views"]
 
 logger = logging.getLogger(__name__)
 
 # zlib level 3 encodes ~2x faster than PIL's default 6 for ~15% larger files (film noise barely compresses).
 PNG_LEVEL = 3
+
+PROVENANCE = "synth.json"
+"""The settings a synthetic dataset folder was written with (and by whom), next to its annotation."""
+
+_WRITER = "amrg data synth"
+_LOCK = ".synth.lock"
+_TMP_PREFIX = ".synth-tmp-"
 
 
 def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
@@ -32,7 +52,7 @@ def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int
         total = val_fraction + test_fraction
         problems.append(f"val_fraction + test_fraction must be < 1 to leave a train split, got {total}")
     if problems:
-        raise ValueError("synthesize: " + "; ".join(problems))
+        raise ConfigError("synthesize: " + "; ".join(problems))
     n_val, n_test = round(n * val_fraction), round(n * test_fraction)
     return n - n_val - n_test, n_val, n_test
 
@@ -50,6 +70,9 @@ def synthesize(
     """Write n synthetic studies under out/ (out/images/<id>/<view>.png + out/annotation.json);
     return the annotation path. Deterministic by seed (same seed -> byte-identical files).
 
+    Safe to run from several processes into one folder: the first writes, the others wait for it and
+    reuse its result when they asked for the same settings (see the module docstring).
+
     Args:
         out: output folder (created).
         n: number of studies.
@@ -62,20 +85,102 @@ def synthesize(
         progress: show a tqdm progress bar.
 
     Raises:
-        ValueError: bad n, fractions, probability or image size (all problems listed).
+        ConfigError: bad n, fractions, probability or image size (all problems listed).
+        OutputError: ``out`` holds a different dataset (other settings, or an ``annotation.json`` this
+            function did not write), or cannot be written (read-only, full); nothing in it is changed.
     """
     n_train, n_val, n_test = _split_sizes(n, val_fraction, test_fraction)
     if not 0.0 <= two_view_prob <= 1.0:
-        raise ValueError(f"synthesize: two_view_prob must be in [0, 1], got {two_view_prob}")
+        raise ConfigError(f"synthesize: two_view_prob must be in [0, 1], got {two_view_prob}")
     if image_size < 16:
-        raise ValueError(f"synthesize: image_size must be >= 16 pixels, got {image_size}")
+        raise ConfigError(f"synthesize: image_size must be >= 16 pixels, got {image_size}")
     out = Path(out)
     ann_path = out / "annotation.json"
-    out.mkdir(parents=True, exist_ok=True)
-    if ann_path.exists():
-        # Drop the old index first: a run that dies half-way must not leave it pointing at mixed images.
-        logger.info("removing the previous %s before writing new images", ann_path)
-        ann_path.unlink()
+    settings = {
+        "n": n,
+        "seed": seed,
+        "image_size": image_size,
+        "two_view_prob": two_view_prob,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+    }
+    with writing(out, "synthetic dataset"):
+        out.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(out / _LOCK)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            logger.info("%s: another process is writing it; waiting for its lock %s", out, lock.lock_file)
+            lock.acquire()
+        try:
+            if _finished_same(out, settings):
+                logger.info("%s already holds this synthetic dataset (%s): reused", out, _describe(settings))
+                return ann_path
+            for stale in out.glob(f"{_TMP_PREFIX}*"):  # left by a writer that died; we hold the lock
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = out / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                counts = _render(tmp, settings, (n_train, n_val, n_test), progress)
+                _move_in(tmp, out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            lock.release()
+    logger.info(
+        "wrote %d synthetic studies (train %d, val %d, test %d) at %d px to %s",
+        n,
+        *counts,
+        image_size,
+        ann_path,
+    )
+    return ann_path
+
+
+def _describe(settings: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def _finished_same(out: Path, settings: dict) -> bool:
+    """True when ``out`` holds a finished dataset written with ``settings``; False when it holds none.
+
+    Raises:
+        OutputError: it holds a different dataset, or an annotation or images folder without our
+            provenance (someone else's files, never replaced).
+    """
+    ann_path = out / "annotation.json"
+    if not ann_path.exists():
+        if (out / "images").exists() and not (out / PROVENANCE).exists():
+            raise OutputError(
+                f"cannot write synthetic dataset '{out}': it holds an images folder without the "
+                f"{PROVENANCE} that amrg data synth writes; delete it or choose another folder"
+            )
+        return False  # nothing finished: what a dead writer of ours left is replaced
+    try:
+        found = json.loads((out / PROVENANCE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        found = None
+    if not isinstance(found, dict) or found.get("written_by") != _WRITER:
+        raise OutputError(
+            f"cannot write synthetic dataset '{out}': it already holds an annotation.json without the "
+            f"{PROVENANCE} that amrg data synth writes; delete it or choose another folder"
+        )
+    theirs = found.get("settings", {})
+    if theirs != settings:
+        diff = ", ".join(
+            f"{k}={theirs.get(k)!r} (asked {v!r})" for k, v in settings.items() if theirs.get(k) != v
+        )
+        raise OutputError(
+            f"cannot write synthetic dataset '{out}': it holds a different one ({diff}); "
+            "delete it or choose another folder"
+        )
+    return True
+
+
+def _render(tmp: Path, settings: dict, sizes: tuple[int, int, int], progress: bool) -> tuple[int, int, int]:
+    """Write the whole dataset (images, annotation, provenance) into ``tmp``; return the split sizes."""
+    n, seed = settings["n"], settings["seed"]
+    n_train, n_val, _ = sizes
     perm = np.random.default_rng([seed, n, 1]).permutation(n)
     split_of = {}
     for rank, i in enumerate(perm):
@@ -84,10 +189,10 @@ def synthesize(
     records: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for i in tqdm(range(n), desc="synth", disable=not progress):
         rng = np.random.default_rng([seed, i])
-        n_views = 2 if rng.random() < two_view_prob else 1
-        study = render_study(rng, image_size, n_views)
+        n_views = 2 if rng.random() < settings["two_view_prob"] else 1
+        study = render_study(rng, settings["image_size"], n_views)
         sid = f"synth_{i:0{width}d}"
-        rel = write_views(out, sid, study.images)
+        rel = write_views(tmp, sid, study.images)
         split = split_of[i]
         records[split].append(
             {
@@ -99,17 +204,25 @@ def synthesize(
                 "boxes": study.boxes,
             }
         )
-    write_annotation(records, ann_path)
-    logger.info(
-        "wrote %d synthetic studies (train %d, val %d, test %d) at %d px to %s",
-        n,
-        n_train,
-        n_val,
-        n_test,
-        image_size,
-        ann_path,
-    )
-    return ann_path
+    write_annotation(records, tmp / "annotation.json")
+    provenance = {"written_by": _WRITER, "settings": settings}
+    (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=1) + "\n", encoding="utf-8")
+    return sizes
+
+
+def _move_in(tmp: Path, out: Path) -> None:
+    """Rename the finished parts of ``tmp`` into ``out``: provenance, images, then the annotation, which
+    marks the dataset whole.
+
+    Called under the lock after :func:`_finished_same` found no annotation, so an ``images`` folder
+    there is a dead writer's (``synth.json`` says so): it is moved aside into ``tmp`` and deleted with it.
+    """
+    old = out / "images"
+    if old.exists():
+        os.replace(old, tmp / "old-images")
+    os.replace(tmp / PROVENANCE, out / PROVENANCE)
+    os.replace(tmp / "images", out / "images")
+    os.replace(tmp / "annotation.json", out / "annotation.json")
 
 
 def write_views(out: Path, sid: str, images: list[np.ndarray]) -> list[str]:
@@ -124,9 +237,21 @@ def write_views(out: Path, sid: str, images: list[np.ndarray]) -> list[str]:
 
 
 def write_annotation(records: dict[str, list[dict]], path: Path) -> None:
-    """Write an R2Gen annotation (``{split: [record, ...]}``) to ``path`` through a temp file and a rename."""
-    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(records, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write an R2Gen annotation (``{split: [record, ...]}``) to ``path`` through a temp file in its
+    folder, fsynced and renamed; a failure leaves the previous file whole and no temp file.
+
+    Raises:
+        OutputError: the folder cannot be written (read-only, full, missing), naming ``path``.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with writing(path, "annotation"):
+        try:
+            with tmp.open("w", encoding="utf-8") as f:
+                json.dump(records, f, indent=1)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
