@@ -11,6 +11,8 @@ sampling happens here and nowhere else) and writes one memory folder with a mani
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,8 +22,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from amrg.checkpoints.memory import MANIFEST, load_memory_folder, write_memory_folder
-from amrg.checkpoints.stage1 import file_sha256, load_stage1
+from amrg.checkpoints.stage1 import file_sha256, load_stage1, read_checkpoint, stage1_net_config
 from amrg.data.datamodules import ReportDataModule
+from amrg.errors import AmrgError, ConfigError, InputError, writing
 from amrg.labels import LABELS
 from amrg.memory.bank import MemoryBank, check_no_leakage
 from amrg.memory.cam import CAMConfig, mine_visual_memory
@@ -59,7 +62,7 @@ class SamplingConfig:
             if value is not None and (not isinstance(value, int) or value < 0)
         ]
         if problems:
-            raise ValueError("invalid sampling options: " + "; ".join(problems))
+            raise ConfigError("invalid sampling options: " + "; ".join(problems))
 
 
 def count_table(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> str:
@@ -91,7 +94,7 @@ def _device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available (use device: auto or cpu)")
+        raise ConfigError(f"device={name!r} but CUDA is not available (use device: auto or cpu)")
     return device
 
 
@@ -168,10 +171,14 @@ def memory_build(
 
     Raises:
         FileNotFoundError: the checkpoint or the text encoder folder does not exist.
-        ValueError: a bad option, no train split, or a bank that fails its checks.
+        CheckpointError: the stage-1 checkpoint is not one (checked before the data is read).
+        ConfigError: a bad option.
+        InputError: no train split.
+        OutputError: ``out_dir`` cannot be written (checked before the slow part).
+        ValueError: a bank that fails its checks.
     """
     if memories not in ("both", "visual", "report"):
-        raise ValueError(f"memories must be 'both', 'visual' or 'report', got {memories!r}")
+        raise ConfigError(f"memories must be 'both', 'visual' or 'report', got {memories!r}")
     build_visual = memories in ("both", "visual")
     build_report = memories in ("both", "report")
     run_root = Path(run_root)
@@ -181,12 +188,21 @@ def memory_build(
 
     # Check everything that can be checked before the slow parts, then fail once naming it all.
     missing, problems = [], []
+    stage1_ckpt: dict[str, Any] | None = None
     if build_visual:
         assert stage1_checkpoint is not None  # defaulted above
         if not Path(stage1_checkpoint).is_file():
             missing.append(
                 f"stage1_checkpoint {str(stage1_checkpoint)!r} not found (train stage 1 first: amrg fit)"
             )
+        else:
+            # read (weights_only=True) and checked now, so a file that is no stage-1 checkpoint fails in one
+            # line before the data is prepared
+            try:
+                stage1_ckpt = read_checkpoint(stage1_checkpoint, "stage1_checkpoint")
+                stage1_net_config(stage1_ckpt, f"stage1_checkpoint '{stage1_checkpoint}'")
+            except AmrgError as err:
+                problems.append(str(err))
     encoder_dir = None
     if build_report:
         if report.path is None:
@@ -213,13 +229,17 @@ def memory_build(
     if missing:
         raise FileNotFoundError("memory build: " + "; ".join(missing + problems))
     if problems:
-        raise ValueError("memory build: " + "; ".join(problems))
+        raise ConfigError("memory build: " + "; ".join(problems))
+    # the folder is written at the end; make sure it can be, before the slow part
+    with writing(out_dir, "memory folder"):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out_dir.name}.probe-", dir=out_dir.parent))
 
     data.prepare_data()
     data.setup("fit")
     annotation = data.annotation
     if annotation is None or not annotation.splits.get("train"):
-        raise ValueError(f"memory build: {data.annotation_path} has no train studies to build memories from")
+        raise InputError(f"memory build: {data.annotation_path} has no train studies to build memories from")
     train = annotation["train"]
     forbidden = annotation.ids(("val", "test"))
     train_ds = data.datasets["train"]
@@ -259,7 +279,8 @@ def memory_build(
             "cam": asdict(cam),
             "image_root": str(Path(train_ds.image_root).resolve()),
         }
-        net = load_stage1(ckpt).to(torch_device)
+        net = load_stage1(ckpt, ckpt=stage1_ckpt).to(torch_device)
+        stage1_ckpt = None  # the weights now live in net
         positive = [s for s in train if s.labels is not None and any(v == 1 for v in s.labels)]
         dataset = ReportDataset(
             positive,
@@ -328,7 +349,8 @@ def memory_build(
         check_no_leakage(bank, forbidden, source=f"{out_dir} (report memory)")
         banks["report"] = bank
 
-    write_memory_folder(out_dir, banks, {**common, **stage1_info})
+    with writing(out_dir, "memory folder"):
+        write_memory_folder(out_dir, banks, {**common, **stage1_info})
     # Read the folder back with the checks its consumer applies (hashes, dims, labels, NaN, leakage).
     load_memory_folder(
         out_dir,
