@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from amrg.errors import writing
 from amrg.labels import LABELS
 
 __all__ = ["FORMAT_VERSION", "MemoryBank", "check_no_leakage"]
@@ -48,6 +50,12 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _REQUIRED_FIELDS = ("source_id", "split")
 _MAX_LISTED = 10
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file written by another library (safetensors writes by path) to the disk."""
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -323,13 +331,18 @@ class MemoryBank:
     def save(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:
         """Write ``<path>.safetensors`` and ``<path>.json`` (a ``.safetensors``/``.json`` suffix on
         ``path`` is dropped). Parent directories are created; each file is written to a temporary
-        name and then renamed, so a crash never leaves a half-written bank under the final name.
+        name in the same folder, fsynced and then renamed, so a crash never leaves a half-written bank
+        under the final name, and a failed save leaves no temp file.
 
         Returns:
             The paths of the tensor file and the JSON file.
+
+        Raises:
+            OutputError: the folder cannot be made or written (read-only, full), naming the file.
         """
         tensor_path, json_path = _files(_stem(path))
-        tensor_path.parent.mkdir(parents=True, exist_ok=True)
+        with writing(tensor_path.parent, "memory folder"):
+            tensor_path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {_tensor_key(i): self.features(label).contiguous() for i, label in enumerate(self.labels)}
         header = {
             "format": _FORMAT,
@@ -342,16 +355,31 @@ class MemoryBank:
             "metadata": self.metadata,
             "provenance": {label: self._provenance[label] for label in self.labels},
         }
-        tmp_tensors = tensor_path.with_name(tensor_path.name + ".tmp")
-        tmp_json = json_path.with_name(json_path.name + ".tmp")
-        save_file(
-            tensors, str(tmp_tensors), metadata={"format": _FORMAT, "format_version": str(FORMAT_VERSION)}
-        )
-        tmp_json.write_text(json.dumps(header, indent=1) + "\n", encoding="utf-8")
-        # safetensors creates its file owner-only (0600); give it the mode the user's umask gives the JSON.
-        os.chmod(tmp_tensors, tmp_json.stat().st_mode & 0o777)
-        os.replace(tmp_tensors, tensor_path)
-        os.replace(tmp_json, json_path)
+        # Temp names in the bank's own folder (a rename never crosses file systems), unique per writer;
+        # on any failure both are removed and a previous bank stays whole.
+        tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp_tensors = tensor_path.with_name(f".{tensor_path.name}{tag}")
+        tmp_json = json_path.with_name(f".{json_path.name}{tag}")
+        try:
+            with writing(tensor_path, "memory bank"):
+                save_file(
+                    tensors,
+                    str(tmp_tensors),
+                    metadata={"format": _FORMAT, "format_version": str(FORMAT_VERSION)},
+                )
+                _fsync(tmp_tensors)
+            with writing(json_path, "memory bank"):
+                with tmp_json.open("w", encoding="utf-8") as f:
+                    f.write(json.dumps(header, indent=1) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                # safetensors creates its file owner-only (0600); give it the mode the user's umask gives the JSON.
+                os.chmod(tmp_tensors, tmp_json.stat().st_mode & 0o777)
+                os.replace(tmp_tensors, tensor_path)
+                os.replace(tmp_json, json_path)
+        finally:
+            tmp_tensors.unlink(missing_ok=True)
+            tmp_json.unlink(missing_ok=True)
         _logger.info(
             "saved %s memory (%d patterns) to %s(.safetensors|.json)", self.kind, len(self), _stem(path)
         )

@@ -349,3 +349,34 @@ def test_check_no_leakage_lists_at_most_ten_ids() -> None:
     assert sum(i in message for i in leaked) == 10
     check_no_leakage(bank, [], "test")  # nothing forbidden, nothing to say
     check_no_leakage(bank, {"val-1"}, "val")
+
+
+@pytest.mark.parametrize("failing", ["tensors", "json"])
+def test_a_full_disk_during_save_keeps_the_previous_bank_and_leaves_no_temp(
+    tmp_path: Path, monkeypatch, failing: str
+) -> None:
+    import errno
+
+    import amrg.memory.bank as bank_module
+    from amrg.errors import OutputError
+
+    _bank(counts={LABELS[0]: 3}).save(tmp_path / "visual")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        if failing == "tensors":
+            Path(args[1]).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if failing == "tensors":
+        monkeypatch.setattr(bank_module, "save_file", full_disk)
+    else:
+        monkeypatch.setattr(bank_module.os, "fsync", full_disk)  # the JSON's fsync, after the tensors'
+        monkeypatch.setattr(bank_module, "_fsync", lambda path: None)
+    name = "visual.safetensors" if failing == "tensors" else "visual.json"
+    with pytest.raises(
+        OutputError, match=f"^cannot write memory bank '{tmp_path / name}': no space left on the device$"
+    ):
+        _bank().save(tmp_path / "visual")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # whole, and no temp file
+    assert MemoryBank.load(tmp_path / "visual").counts()[LABELS[0]] == 3
