@@ -18,13 +18,14 @@ import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
+from amrg.checkpoints.atomic_io import atomic_write, atomic_write_text
 from amrg.metrics.clinical import ClinicalEfficacy, ReportLabeler
 from amrg.metrics.nlg import NLGScores
 
@@ -263,11 +264,11 @@ class ReportMetricsCallback(L.Callback):
         ce: ClinicalEfficacy | None,
         logged: dict[str, float],
     ) -> None:
-        dirpath.mkdir(parents=True, exist_ok=True)
         epoch, step = trainer.current_epoch, trainer.global_step
         tag = f"epoch{epoch}_step{step}" if _validates_within_epochs(trainer) else f"epoch{epoch}"
         pred_path = dirpath / f"{stage}_predictions_{tag}.jsonl"
-        with pred_path.open("w", encoding="utf-8") as f:
+
+        def write_predictions(f: IO[bytes]) -> None:
             for sid, hyp, ref in nlg.last_rows:
                 labels = ce.last_labels.get(sid) if ce is not None else None
                 record = {
@@ -277,7 +278,10 @@ class ReportMetricsCallback(L.Callback):
                     "hyp_labels": labels["hyp"] if labels else None,
                     "ref_labels": labels["ref"] if labels else None,
                 }
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+
+        # Each file is whole or absent: a temp file in dirpath, renamed (amrg.checkpoints.atomic_io).
+        atomic_write(pred_path, write_predictions, "predictions")
         metrics_path = dirpath / f"{stage}_metrics_{tag}.json"
         summary = {
             "stage": stage,
@@ -288,7 +292,7 @@ class ReportMetricsCallback(L.Callback):
             "checkpoint": _checkpoint_record(trainer, self._loaded),
             "metrics": logged,
         }
-        metrics_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(metrics_path, json.dumps(summary, indent=2) + "\n", "metrics")
         log.info("%s epoch %d: wrote %s and %s", stage, epoch, pred_path, metrics_path)
 
 

@@ -334,3 +334,32 @@ def test_named_labeler_from_cli_arguments(tmp_path):
     cfg = parser.parse_args(["--callback.labeler=chexbert", f"--callback.chexbert_weights={weights}"])
     callback = parser.instantiate(cfg).callback
     assert callback.val_ce.labeler.name == "chexbert" and Path(callback.val_ce.labeler.weights) == weights
+
+
+def test_a_full_disk_while_writing_metrics_is_one_error_naming_the_file_and_leaves_no_temp(
+    tmp_path, monkeypatch
+):
+    import errno
+    import os
+
+    from amrg.errors import OutputError
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:  # the disk fills up while the metrics file is written
+        if "val_metrics_" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    reports = tmp_path / "reports"
+    callback = ReportMetricsCallback(dirpath=reports, meteor=False, ce=False)
+    trainer = _trainer(tmp_path, [callback], max_epochs=1)
+    with pytest.raises(OutputError) as err:
+        trainer.fit(ToyReporter(), train_dataloaders=_loader(), val_dataloaders=_loader())
+    path = reports / "val_metrics_epoch0.json"
+    assert str(err.value) == f"cannot write metrics '{path}': no space left on the device"
+    assert sorted(p.name for p in reports.iterdir()) == [
+        "val_predictions_epoch0.jsonl"
+    ]  # whole; no temp file
+    assert len(_read_jsonl(reports / "val_predictions_epoch0.jsonl")) == len(REFS)
