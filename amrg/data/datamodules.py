@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from amrg.checkpoints.atomic_io import atomic_write_text
 from amrg.data.cleaning import CleaningStyle
 from amrg.data.dataset import FillMissingView, OnBadImage, ReportDataset, collate_studies
 from amrg.data.images import DEFAULT_MAX_PIXELS, train_augmentation
@@ -151,10 +151,8 @@ class ReportDataModule(L.LightningDataModule):
         if not unlabelled:
             return
         computed = self._compute_labels(unlabelled)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(computed))
-        tmp.replace(cache)
+        # whole or absent: nodes sharing cache_dir may write it at once (same content, last rename wins)
+        atomic_write_text(cache, json.dumps(computed), "label cache")
 
     def setup(self, stage: Stage | None = None) -> None:
         """Load and validate the annotation once; build the datasets (no image is read)."""
@@ -274,7 +272,9 @@ class SyntheticDataModule(ReportDataModule):
     """Procedural chest films (``amrg data synth``), generated into ``root`` on first use.
 
     Generation happens in ``prepare_data`` (one process per node) into a folder named by the
-    parameters, so DDP ranks never race and a changed ``n`` or ``seed`` never reuses stale data.
+    parameters, so a changed ``n`` or ``seed`` never reuses stale data. Nodes that share ``root``
+    (one file system) are serialised by :func:`amrg.data.synthetic.synthesize`'s lock: the first
+    writes the folder whole, the others wait and reuse it.
 
     Args:
         root: cache folder for generated datasets.

@@ -39,6 +39,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BadImageError",
+    "check_pixels",
     "ImageTooLargeError",
     "OutsideRootError",
     "from_model_input",
@@ -145,6 +146,30 @@ def _dicom_size(path: Path) -> tuple[int, int] | None:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
         return int(ds.Columns), int(ds.Rows)
     except Exception:  # noqa: BLE001 - any parse failure is reported by read_dicom/check_dicom
+        return None
+
+
+def check_pixels(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
+    """Refuse an image file with more than ``max_pixels`` pixels, from its header alone (DICOM too).
+
+    Returns:
+        ``(width, height)``, or None when the header cannot be read (the reader then says why).
+
+    Raises:
+        ImageTooLargeError: more pixels than ``max_pixels``, or than PIL's decompression-bomb limit.
+    """
+    path = Path(path)
+    if is_dicom(path):
+        size = _dicom_size(path)
+        if size is not None:
+            _check_pixels(path, size, max_pixels)
+        return size
+    try:
+        with _open(path, max_pixels) as img:
+            return img.size
+    except ImageTooLargeError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return None
 
 

@@ -12,6 +12,7 @@ from amrg.data.images import (
     IMAGENET_STD,
     BadImageError,
     ImageTooLargeError,
+    check_pixels,
     image_problem,
     leaves_root,
     load_image,
@@ -172,3 +173,14 @@ def test_large_8_bit_png_reduced_gives_nearly_the_full_size_result(tmp_path: Pat
 )
 def test_leaves_root(rel: str, leaves: bool) -> None:
     assert leaves_root(rel) is leaves
+
+
+def test_check_pixels_reads_only_the_header(tmp_path: Path) -> None:
+    huge = _png_header_only(tmp_path / "huge.png", 20000, 20000)
+    with pytest.raises(
+        ImageTooLargeError, match=f"image {huge} is 400,000,000 pixels, over the max_pixels cap"
+    ):
+        check_pixels(huge)
+    assert check_pixels(_png_header_only(tmp_path / "ok.png", 300, 200)) == (300, 200)
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    assert check_pixels(tmp_path / "junk.png") is None and check_pixels(tmp_path / "gone.png") is None
