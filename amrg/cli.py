@@ -99,22 +99,56 @@ def data_iu_synth(*, out: Path, reports: Path, seed: int = 0, image_size: int = 
     )
 
 
-def data_check(annotation: Path, image_root: Path | None = None, decode: bool = False) -> None:
+_MAX_PIXELS = 50_000_000
+"""amrg.data.images.DEFAULT_MAX_PIXELS, repeated so that `amrg --help` starts without torch (a test keeps
+them equal)."""
+
+
+def data_check(
+    annotation: Path,
+    image_root: Path | None = None,
+    decode: bool = False,
+    max_pixels: int | None = _MAX_PIXELS,
+    allow_outside_root: bool = False,
+) -> None:
     """Validate a prepared dataset: schema, every image, counts per split and label distribution.
 
-    Exits with status 1 when an image is missing or unreadable.
+    Prints the report, then exits with status 1 and one error line when an image is missing, unreadable,
+    too large or outside the image root.
 
     Args:
         annotation: the annotation.json to check.
         image_root: folder the image paths are relative to (default: the annotation's folder).
         decode: fully decode every image (slower) instead of checking headers and structure.
+        max_pixels: an image with more pixels (width x height) is unreadable, as training would refuse
+            it; null for no cap.
+        allow_outside_root: accept image paths that are absolute or climb out of the image root with ``..``.
     """
     from amrg.data.check import check_dataset
 
-    report = check_dataset(annotation, image_root=image_root, decode=decode)
+    report = check_dataset(
+        annotation,
+        image_root=image_root,
+        decode=decode,
+        progress=sys.stderr.isatty(),  # a bar only on a terminal, not in a log or a pipe
+        max_pixels=max_pixels,
+        allow_outside_root=allow_outside_root,
+    )
     print(report.format())
     if not report.ok:
-        sys.exit(1)
+        found = [
+            f"{len(items)} {kind}"
+            for kind, items in (
+                ("missing", report.missing),
+                ("unreadable", report.unreadable),
+                ("outside the image root", report.outside_root),
+            )
+            if items
+        ]
+        first = (report.missing or report.unreadable or report.outside_root)[0]
+        raise InputError(
+            f"data check: {annotation}: {', '.join(found)} image(s), e.g. {first} (all listed above)"
+        )
 
 
 def data_preview(

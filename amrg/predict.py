@@ -266,7 +266,7 @@ def predict_images(
         OutputError: ``out`` is an input or a folder, or its folder cannot be written.
         ConfigError: bad options.
     """
-    from amrg.inference import load  # heavy (transformers): import on use
+    from amrg.checkpoints.safety import check_checkpoint_file
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
@@ -274,6 +274,7 @@ def predict_images(
             f"checkpoint '{checkpoint}' not found: expected a .ckpt that `amrg fit` wrote for stage 2 (or "
             "stage 1)"
         )
+    check_checkpoint_file(checkpoint, "checkpoint")  # its header: random bytes fail before the slow imports
     if batch_size < 1 or max_views < 1 or top_k_explanations < 0:
         raise ConfigError(
             f"need batch_size >= 1, max_views >= 1 and top_k_explanations >= 0, got {batch_size}, "
@@ -298,6 +299,8 @@ def predict_images(
             with writing(figures, "figures"):
                 Path(figures).mkdir(parents=True, exist_ok=True)
         known = _references(Path(references)) if references is not None else {}
+        from amrg.inference import load  # heavy (transformers): imported once the inputs are checked
+
         predictor = load(
             checkpoint,
             device=device,

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
-from amrg.errors import CheckpointError
+from amrg.errors import CheckpointError, reading
 
 __all__ = [
     "ALLOWED_CLASS_PREFIXES",
+    "CHECKPOINT_EXPECTED",
     "MODULE_KEY",
+    "check_checkpoint_file",
     "check_written_by",
     "UntrustedCheckpointError",
     "allowed_prefixes",
@@ -38,6 +41,40 @@ MODULE_KEY = "amrg_module"
 
 class UntrustedCheckpointError(CheckpointError):
     """An artifact asks for code outside amrg's allow-list (a class path) or for remote code."""
+
+
+CHECKPOINT_EXPECTED = "expected a .ckpt file written by `amrg fit`"
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE2_MAGIC = b"\x80\x02"
+
+
+def check_checkpoint_file(path: Path | str, what: str) -> None:
+    """Check, from its first bytes only, that ``path`` is a file ``torch.save`` wrote (no unpickling).
+
+    Cheap and free of torch, so a command can refuse random bytes before its slow imports; the full
+    check is :func:`amrg.checkpoints.stage1.read_checkpoint`, which calls this first.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: an empty file, or one that starts with neither a zip nor a pickle header.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} '{path}' not found")
+    with reading(path, what):
+        with path.open("rb") as f:
+            head = f.read(4)
+    if not head:
+        raise CheckpointError(
+            f"{what} '{path}' could not be read as a checkpoint: the file is empty; {CHECKPOINT_EXPECTED}"
+        )
+    # torch.save writes a zip archive (torch >= 1.6) or, in the legacy format, a protocol-2 pickle
+    if not head.startswith((_ZIP_MAGIC, _PICKLE2_MAGIC)):
+        raise CheckpointError(
+            f"{what} '{path}' could not be read as a checkpoint: not a file torch.save wrote (neither a zip "
+            f"nor a pickle header); {CHECKPOINT_EXPECTED}"
+        )
 
 
 def allowed_prefixes() -> tuple[str, ...]:

@@ -19,8 +19,14 @@ from typing import Any
 import torch
 
 from amrg._state import state_dict_mismatch
-from amrg.checkpoints.safety import MODULE_KEY, check_class_paths, instantiate_checked
-from amrg.errors import CheckpointError, reading
+from amrg.checkpoints.safety import (
+    CHECKPOINT_EXPECTED,
+    MODULE_KEY,
+    check_checkpoint_file,
+    check_class_paths,
+    instantiate_checked,
+)
+from amrg.errors import CheckpointError
 from amrg.labels import LABELS, NUM_LABELS
 from amrg.models.classifier import DiseaseClassifier
 
@@ -42,9 +48,6 @@ _WEIGHT_SOURCES: dict[str, Any] = {"checkpoint_path": None, "pretrained": False,
 # Lightning also stores the datamodule's hyperparameters, and ours hold paths (annotation, root): allow
 # pathlib's plain path classes, nothing else, in the weights-only unpickler.
 _SAFE_GLOBALS = [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
-
-_ZIP_MAGIC = b"PK\x03\x04"
-_PICKLE2_MAGIC = b"\x80\x02"
 
 
 def file_sha256(path: Path | str) -> str:
@@ -73,22 +76,7 @@ def read_checkpoint(path: Path | str, what: str, map_location: str | torch.devic
         CheckpointError: not a readable checkpoint, or no ``state_dict`` in it (a plain state dict).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} '{path}' not found")
-    expected = "expected a .ckpt file written by `amrg fit`"
-    with reading(path, what):
-        with path.open("rb") as f:
-            head = f.read(4)
-    if not head:
-        raise CheckpointError(
-            f"{what} '{path}' could not be read as a checkpoint: the file is empty; {expected}"
-        )
-    # torch.save writes a zip archive (torch >= 1.6) or, in the legacy format, a protocol-2 pickle
-    if not head.startswith((_ZIP_MAGIC, _PICKLE2_MAGIC)):
-        raise CheckpointError(
-            f"{what} '{path}' could not be read as a checkpoint: not a file torch.save wrote (neither a zip "
-            f"nor a pickle header); {expected}"
-        )
+    check_checkpoint_file(path, what)
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS), warnings.catch_warnings():
             # the weights-only unpickler warns about the pickle protocol of a non-torch pickle; the error says it
@@ -96,7 +84,7 @@ def read_checkpoint(path: Path | str, what: str, map_location: str | torch.devic
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch.load's own errors on a file that is no checkpoint (or not plain data)
         raise CheckpointError(
-            f"{what} '{path}' could not be read as a checkpoint: {_load_failure(err)}; {expected}"
+            f"{what} '{path}' could not be read as a checkpoint: {_load_failure(err)}; {CHECKPOINT_EXPECTED}"
         ) from err
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
@@ -106,7 +94,7 @@ def read_checkpoint(path: Path | str, what: str, map_location: str | torch.devic
         else:
             found = f"a {type(ckpt).__name__}"
         raise CheckpointError(
-            f"{what} '{path}' is {found}, not a Lightning checkpoint (no 'state_dict'); {expected}"
+            f"{what} '{path}' is {found}, not a Lightning checkpoint (no 'state_dict'); {CHECKPOINT_EXPECTED}"
         )
     return ckpt
 
