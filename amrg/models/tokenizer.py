@@ -30,6 +30,8 @@ from typing import Literal
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from amrg.errors import ConfigError, InputError, writing
+
 __all__ = ["CHATML_TEMPLATE", "TokenizerStyle", "train_report_tokenizer"]
 
 logger = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ def _non_empty(reports: Iterable[str], counter: list[int]) -> Iterator[str]:
     """Yield the stripped, non-empty reports, counting them in ``counter[0]``."""
     for i, report in enumerate(reports):
         if not isinstance(report, str):
-            raise ValueError(f"report #{i} is a {type(report).__name__}, expected str")
+            raise InputError(f"report #{i} is a {type(report).__name__}, expected str")
         report = report.strip()
         if report:
             counter[0] += 1
@@ -97,19 +99,20 @@ def train_report_tokenizer(
         The trained tokenizer, as ``AutoTokenizer.from_pretrained(out_dir)`` would load it.
 
     Raises:
-        ValueError: for an unknown style, a vocabulary too small for the byte alphabet, or no
-            non-empty report.
+        ConfigError: an unknown style, a vocabulary too small for the byte alphabet, ``min_frequency`` < 1.
+        InputError: no non-empty report.
+        OutputError: ``out_dir`` cannot be written.
     """
     if style not in ("llama", "qwen"):
-        raise ValueError(f"style must be 'llama' or 'qwen', got {style!r}")
+        raise ConfigError(f"style must be 'llama' or 'qwen', got {style!r}")
     specials = _LLAMA_SPECIALS if style == "llama" else _QWEN_SPECIALS
     if vocab_size < _BYTE_ALPHABET + len(specials) + 1:
-        raise ValueError(
+        raise ConfigError(
             f"vocab_size={vocab_size} is too small: a byte-level BPE needs the {_BYTE_ALPHABET} byte "
             f"tokens, {len(specials)} special tokens and at least one merge"
         )
     if min_frequency < 1:
-        raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
+        raise ConfigError(f"min_frequency must be >= 1, got {min_frequency}")
 
     # Llama keeps its specials at ids 0..2, Qwen appends them after the BPE vocabulary.
     leading = list(specials) if style == "llama" else []
@@ -127,7 +130,7 @@ def train_report_tokenizer(
     counter = [0]
     tok.train_from_iterator(_non_empty(reports, counter), trainer=trainer)
     if counter[0] == 0:
-        raise ValueError(f"no non-empty report to train the tokenizer for {out_dir} on")
+        raise InputError(f"no non-empty report to train the tokenizer for {out_dir} on")
     if style == "qwen":
         tok.add_special_tokens(list(specials))
 
@@ -159,9 +162,10 @@ def train_report_tokenizer(
         )
         hf.chat_template = CHATML_TEMPLATE
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(str(out_dir))
-    _portable_tokenizer_class(out_dir / "tokenizer_config.json")
+    with writing(out_dir, "tokenizer folder"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        hf.save_pretrained(str(out_dir))
+        _portable_tokenizer_class(out_dir / "tokenizer_config.json")
     # Hand back what every later run will see: the folder as AutoTokenizer loads it.
     loaded = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
     logger.info(
