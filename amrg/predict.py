@@ -193,6 +193,9 @@ def _check_output(out: Path, studies: Sequence[StudyFiles], others: dict[str, Pa
             f"cannot write predictions '{out}': it is a folder; give a file name such as "
             f"'{out / 'predictions.jsonl'}'"
         )
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise OutputError(f"cannot write predictions '{out}': '{blocking}' is a file, not a folder")
     inputs = {image.resolve(): f"input image '{image}'" for study in studies for image in study.paths}
     inputs.update({Path(p).resolve(): f"{what} '{p}'" for what, p in others.items() if p is not None})
     if target in inputs:

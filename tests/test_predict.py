@@ -238,7 +238,9 @@ def test_an_output_that_is_an_input_or_a_folder_is_refused_before_the_run(
         predict_images(checkpoint, [single], folder, progress=False)
     in_the_way = tmp_path / "a_file"
     in_the_way.write_text("a file where the output folder should be")
-    with pytest.raises(OutputError, match=r"cannot write predictions '.*a_file/p.jsonl'"):
+    with pytest.raises(
+        OutputError, match=r"cannot write predictions '.*a_file/p.jsonl': '.*a_file' is a file"
+    ):
         predict_images(checkpoint, [single], in_the_way / "p.jsonl", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "in", "out"]  # no temp file left
 

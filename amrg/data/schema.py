@@ -276,7 +276,8 @@ def load_annotation(path: str | Path, splits: Iterable[str] | None = None) -> An
     path = Path(path)
     if path.is_dir():
         raise AnnotationError(
-            path, [f"{path}: is a folder; expected the annotation.json file (set data.init_args.annotation)"]
+            path,
+            [f"{path.name}: is a folder; expected the annotation.json file (set data.init_args.annotation)"],
         )
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} not found (set data.init_args.annotation)")
