@@ -481,11 +481,11 @@ def _cli_class():
             # Read with weights_only=True and checked here, so Lightning never unpickles a file that is not
             # one of its checkpoints (random bytes, a plain state dict) and fails with a raw KeyError.
             ckpt = read_checkpoint(ckpt_path, "--ckpt_path")
-            check_lightning_checkpoint(ckpt, source, resume=subcommand == "fit")
             model = config.get("model")
             expected = model.get("class_path") if hasattr(model, "get") else None
-            if expected:
+            if expected:  # the other stage's checkpoint: the most specific message first
                 check_written_by(ckpt, str(expected), source)
+            check_lightning_checkpoint(ckpt, source, resume=subcommand == "fit")
 
     return AmrgCLI
 

@@ -9,6 +9,8 @@ import pytest
 
 from amrg import cli
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
 
 def _amrg(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -89,3 +91,40 @@ def test_data_synth_check_preview(tmp_path: Path) -> None:
     res = _amrg("data", "preview", str(out / "annotation.json"), "--out", str(grid), "--n", "4")
     assert res.returncode == 0, res.stderr
     assert grid.stat().st_size > 0
+
+
+def test_ckpt_path_aliases_are_left_to_lightning() -> None:
+    for alias in ("last", "best", "hpc", "registry", "registry:model:latest", "s3://bucket/last.ckpt"):
+        assert cli._lightning_ckpt_alias(alias), alias
+    for path in ("last.ckpt", "runs/best", "/tmp/x.ckpt"):
+        assert not cli._lightning_ckpt_alias(path), path
+
+
+def test_a_multi_line_message_is_folded_into_one_line() -> None:
+    message = "x.json: 2 problem(s) in the annotation:\n  a: bad\n  b: worse\n  ... and 3 more"
+    assert (
+        cli._one_line(message) == "x.json: 2 problem(s) in the annotation: a: bad; b: worse; ... and 3 more"
+    )
+    assert cli._one_line("refused:\n  - one\n  - two") == "refused: one; two"
+    assert cli._one_line("one line") == "one line"
+
+
+def test_ckpt_path_is_checked_before_lightning_reads_it(tmp_path: Path, monkeypatch) -> None:
+    """A missing file, and a weights-only checkpoint that fit cannot resume from, fail before the trainer."""
+    import torch
+
+    from amrg.errors import CheckpointError
+
+    monkeypatch.setattr("sys.argv", ["amrg"])
+    recipe = ["-c", str(CONFIGS / "demo" / "data.yaml"), "-c", str(CONFIGS / "demo" / "stage1.yaml")]
+    with pytest.raises(CheckpointError, match=r"--ckpt_path '.*nope.ckpt' not found: expected a .ckpt file"):
+        cli.lightning_cli(["fit", *recipe, "--ckpt_path", str(tmp_path / "nope.ckpt")])
+    weights = tmp_path / "weights.ckpt"
+    torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.0"}, weights)
+    with pytest.raises(CheckpointError, match=r"holds the weights only \(no \['optimizer_states', 'lr_sched"):
+        cli.lightning_cli(["fit", *recipe, "--ckpt_path", str(weights)])
+    torch.save({"state_dict": {}}, weights)
+    with pytest.raises(
+        CheckpointError, match=r"was not written by Lightning \(no \['pytorch-lightning_version'"
+    ):
+        cli.lightning_cli(["fit", *recipe, "--ckpt_path", str(weights)])
