@@ -7,7 +7,9 @@ no progress bar, no warning), that line naming the file or record, and every fil
 
 Most cases stop before torch is imported or right after (0.2-2 s each); the few that parse a Lightning recipe
 (``fit --ckpt_path``, ``memory build``) or import transformers (a checkpoint that only torch.load can
-judge) take 5-9 s, so there is one of each kind. The closing note of issue 14 lists each case's line;
+judge) take 5-9 s, so there are few of them (a weights-only checkpoint and a missing ``--ckpt_path`` are
+tested in-process in tests/test_cli.py). The cases run side by side (the ``runs`` fixture): about 100 s of
+CPU, ~50 s on an idle 2-core box. The closing note of issue 14 lists each case's line;
 ``python tests/test_catalogue.py`` prints them.
 """
 
@@ -22,7 +24,7 @@ import sys
 import tarfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,9 +40,7 @@ class Case:
     args: list[str]
     names: list[str]
     code: int = 1
-    cwd: Path | None = None
-    slow: bool = False
-    note: dict[str, str] = field(default_factory=dict)
+    slow: bool = False  # parses a Lightning recipe or imports transformers: started first
 
 
 # ---- tiny fixtures ------------------------------------------------------------------------------------
@@ -389,16 +389,6 @@ def _resume_state_dict(tmp: Path) -> Case:
     return Case(_fit(tmp, ckpt), ["--ckpt_path", "last.ckpt", "plain state dict"], slow=True)
 
 
-def _resume_weights_only(tmp: Path) -> Case:
-    import torch
-
-    ckpt = tmp / "last.ckpt"  # what ModelCheckpoint(save_weights_only=True) writes: no optimiser state
-    torch.save(
-        {"state_dict": {"net.w": torch.zeros(1)}, "pytorch-lightning_version": "2.6.0", "epoch": 0}, ckpt
-    )
-    return Case(_fit(tmp, ckpt), ["--ckpt_path", "last.ckpt", "weights only", "optimizer_states"], slow=True)
-
-
 def _predict_figures_is_a_file(tmp: Path) -> Case:
     ckpt = _state_dict(tmp / "model.ckpt")
     (tmp / "figures").write_text("a file where the figures folder should be")
@@ -452,7 +442,6 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "memory build on a non-checkpoint": _memory_build_not_a_checkpoint,
     "fit resume from random bytes": _resume_random_bytes,
     "fit resume from a plain state dict": _resume_state_dict,
-    "fit resume from a weights-only checkpoint": _resume_weights_only,
 }
 
 # Cases that still print a traceback or a wrong line, each in a file this catalogue's owner does not own.
@@ -495,7 +484,7 @@ def _run(case: Case, work: Path) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "amrg.cli", *case.args],
         capture_output=True,
         text=True,
-        cwd=case.cwd or work,
+        cwd=work,
         env=env,
         timeout=300,
     )
