@@ -570,7 +570,7 @@ def _error_message(err: BaseException) -> str | None:
             break
         cause = cause.__cause__
     if isinstance(cause, AmrgError):
-        return _one_line(str(cause))
+        return _one_line(_worker_message(str(cause)))
     if isinstance(err, _FILE_ERRORS):
         if err.filename is not None:  # raised by the OS: "[Errno 2] No such file or directory: 'x'"
             reason = (err.strerror or type(err).__name__).lower()
@@ -584,6 +584,19 @@ def _error_message(err: BaseException) -> str | None:
             f"not UTF-8 text: byte {bytes(err.object[err.start : err.start + 1]).hex()} at offset {err.start}"
         )
     return None
+
+
+def _worker_message(message: str) -> str:
+    """The error's own message when a DataLoader worker re-raised it with the worker's traceback in it.
+
+    torch re-raises a worker's exception as the same type, its message being "Caught X in DataLoader worker
+    process N." plus the worker's whole traceback; the last line is ``module.X: <the message>``.
+    """
+    if "Original Traceback (most recent call last):" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    own = last.split(": ", 1)[1] if ": " in last and " " not in last.split(": ", 1)[0] else last
+    return f"{own} (in a DataLoader worker)"
 
 
 def _one_line(message: str) -> str:

@@ -139,6 +139,20 @@ def test_an_amrg_error_wrapped_by_a_library_is_found(command, capsys) -> None:
     assert _main(["fit"], capsys) == (1, "amrg: error: --ckpt_path 'x.ckpt' is empty\n")
 
 
+def test_an_amrg_error_from_a_dataloader_worker_is_its_own_message(command, capsys) -> None:
+    from amrg.data.images import BadImageError
+
+    worker = (
+        "Caught BadImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "/x/worker.py", line 349, in _worker_loop\n    data = fetcher.fetch(index)\n'
+        "amrg.data.images.BadImageError: image a/0.png is unreadable or corrupt: truncated\n"
+    )
+    command(BadImageError(worker))  # how torch re-raises a worker's exception
+    assert _main(["fit"], capsys)[1] == (
+        "amrg: error: image a/0.png is unreadable or corrupt: truncated (in a DataLoader worker)\n"
+    )
+
+
 def test_os_and_decoding_errors_on_a_user_file_name_it(command, capsys, tmp_path: Path) -> None:
     try:
         open(tmp_path / "gone.json")  # noqa: SIM115 - the OS's own error, with its filename
@@ -228,8 +242,4 @@ def test_from_the_console_one_line_or_the_traceback(tmp_path: Path) -> None:
             f"FileNotFoundError: annotation file {missing} not found (set data.init_args.annotation)"
         )
     usage = _amrg("data", "check")  # a usage error keeps jsonargparse's usage and status 2
-    assert (
-        usage.returncode == 2
-        and "usage: amrg data" in usage.stderr
-        and "amrg: error:" not in usage.stderr
-    )
+    assert usage.returncode == 2 and "usage: amrg data" in usage.stderr and "amrg: error:" not in usage.stderr
