@@ -147,7 +147,7 @@ def data_check(
         ]
         first = (report.missing or report.unreadable or report.outside_root)[0]
         raise InputError(
-            f"data check: {annotation}: {', '.join(found)} image(s), e.g. {first} (all listed above)"
+            f"data check: {annotation}: bad images: {', '.join(found)}; e.g. {first} (all listed above)"
         )
 
 

@@ -10,7 +10,7 @@ Most cases stop before torch is imported or right after (0.2-2 s each); the few 
 judge) take 5-9 s, so there are few of them (a weights-only checkpoint and a missing ``--ckpt_path`` are
 tested in-process in tests/test_cli.py). The cases run side by side (the ``runs`` fixture): about 100 s of
 CPU, ~50 s on an idle 2-core box. The closing note of issue 14 lists each case's line;
-``python tests/test_catalogue.py`` prints them.
+``python tests/test_catalogue.py [NAME_PART ...]`` prints them.
 """
 
 from __future__ import annotations
@@ -550,7 +550,7 @@ def test_there_are_at_least_30_kinds() -> None:
 if __name__ == "__main__":  # print each case's line, for the issue's closing note
     import tempfile
 
-    for case_name in CASES:
+    for case_name in [n for n in CASES if not sys.argv[1:] or any(a in n for a in sys.argv[1:])]:
         with tempfile.TemporaryDirectory() as d:
             _, done = run_case(case_name, Path(d))
             last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["(nothing)"]
