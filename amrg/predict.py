@@ -37,7 +37,13 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from amrg.data.dicom import DICOM_SUFFIXES, has_dicom_marker, is_dicom
-from amrg.data.images import BadImageError, image_problem
+from amrg.data.images import (
+    DEFAULT_MAX_PIXELS,
+    BadImageError,
+    ImageTooLargeError,
+    check_pixels,
+    image_problem,
+)
 from amrg.errors import ConfigError, InputError, OutputError, writing
 
 __all__ = [
@@ -79,8 +85,12 @@ def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES or has_dicom_marker(path)
 
 
-def _image_problem(path: Path) -> str | None:
+def _image_problem(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> str | None:
     """Why ``path`` cannot be read as an image, or None when its header and structure are sound."""
+    try:
+        check_pixels(path, max_pixels)  # from the header: a huge image never reaches PIL's bomb error
+    except ImageTooLargeError as err:
+        return str(err)
     if is_dicom(path):
         return image_problem(path)  # the DICOM header check, which says what it expected
     try:
@@ -91,7 +101,9 @@ def _image_problem(path: Path) -> str | None:
     return None
 
 
-def collect_studies(inputs: Sequence[Path | str], group_views: bool = False) -> list[StudyFiles]:
+def collect_studies(
+    inputs: Sequence[Path | str], group_views: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> list[StudyFiles]:
     """Turn files and folders into studies, checking every image up front.
 
     Args:
@@ -99,6 +111,8 @@ def collect_studies(inputs: Sequence[Path | str], group_views: bool = False) -> 
             found recursively and a study id is the image's path relative to the folder, without suffix.
         group_views: each sub-folder of a given folder is one study (id: the sub-folder's relative path)
             whose images, sorted by name, are its views; images directly in the folder stay single studies.
+        max_pixels: an image with more pixels (width x height, from its header) is refused; None for no
+            cap (PIL's decompression-bomb limit still applies).
 
     Returns:
         The studies, sorted by id.
@@ -148,7 +162,7 @@ def collect_studies(inputs: Sequence[Path | str], group_views: bool = False) -> 
 
     for study in studies:
         for image in study.paths:
-            problem = _image_problem(image)
+            problem = _image_problem(image, max_pixels)
             if problem is not None:
                 problems.append(problem)
     seen: dict[str, StudyFiles] = {}
@@ -224,6 +238,7 @@ def predict_images(
     references: Path | None = None,
     memory_image_root: Path | None = None,
     on_bad_image: Literal["error", "skip"] = "error",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Path:
     """Write one JSONL line per study with its report, label probabilities and recalled memory items.
 
@@ -258,6 +273,8 @@ def predict_images(
         on_bad_image: an image that passes the up-front header check but cannot be decoded: ``error`` stops
             naming it and keeps the studies finished before it in ``<out stem>.partial<suffix>`` (``out``
             is not written); ``skip`` leaves its study out, logs it and says how many were skipped.
+        max_pixels: an input image with more pixels (width x height, from its header) is refused up front;
+            None for no cap.
 
     Returns:
         ``out``.
@@ -287,7 +304,7 @@ def predict_images(
     if on_bad_image not in ("error", "skip"):
         raise ConfigError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
     out = Path(out)
-    studies = collect_studies(inputs, group_views=group_views)
+    studies = collect_studies(inputs, group_views=group_views, max_pixels=max_pixels)
     _check_output(out, studies, {"checkpoint": checkpoint, "references file": references})
     if figures is not None and Path(figures).exists() and not Path(figures).is_dir():
         raise OutputError(f"cannot write figures into '{figures}': it is a file, not a folder")

@@ -287,3 +287,14 @@ def test_skip_leaves_out_studies_whose_image_cannot_be_decoded(
             checkpoint, [images / "folder" / "m_broken.jpg"], tmp_path / "none.jsonl", on_bad_image="skip"
         )
     assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_an_image_over_the_pixel_cap_is_refused_up_front(tmp_path: Path) -> None:
+    big = write_image(tmp_path / "big.png", size=64)
+    write_image(tmp_path / "small.png", size=8)
+    with pytest.raises(PredictInputError) as err:
+        collect_studies([big, tmp_path / "small.png"], max_pixels=1000)  # 64 x 64 = 4096 pixels
+    assert (
+        "1 problem(s)" in str(err.value) and "big.png" in str(err.value) and "4,096 pixels" in str(err.value)
+    )
+    assert [s.id for s in collect_studies([big], max_pixels=None)] == ["big"]
