@@ -186,6 +186,8 @@ def build_report_generator(
     max_report_tokens: int = 100,
     decoding: DecodingConfig = DecodingConfig(),  # noqa: B008 - plain data
     queries: Literal["disease", "pooled"] = "disease",
+    findings_threshold: float = 0.5,
+    training_findings: Literal["stage1", "labels"] = "stage1",
     forbidden_ids: Sequence[str] = (),
 ) -> ReportGenerator:
     """Assemble the stage-2 network from a stage-1 checkpoint, a memory folder and an LLM.
@@ -219,6 +221,11 @@ def build_report_generator(
         decoding: beam-search settings for validation, test and prediction.
         queries: ``"disease"`` (paper) or ``"pooled"`` (ablation: pooled patch tokens instead of the
             disease tokens, see :class:`~amrg.models.reporter.ReportGenerator`).
+        findings_threshold: with :data:`~amrg.models.llm.FINDINGS_PLACEHOLDER` in ``instruction``, the
+            stage-1 probability from which a label is written there (see
+            :class:`~amrg.models.reporter.ReportGenerator`).
+        training_findings: ``"stage1"`` or ``"labels"``: what the findings placeholder states in the
+            training loss (see :class:`~amrg.models.reporter.ReportGenerator`).
         forbidden_ids: study ids the memories must not hold (the run's val/test ids; ReporterModule also
             checks the datamodule's own when a run starts).
 
@@ -335,6 +342,8 @@ def build_report_generator(
         "system_prompt": system_prompt,
         "max_report_tokens": max_report_tokens,
         "queries": queries,
+        "findings_threshold": findings_threshold,
+        "training_findings": training_findings,
         **asdict(decoding),
     }
     net = ReportGenerator(

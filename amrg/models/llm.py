@@ -49,6 +49,7 @@ from transformers import (
 
 __all__ = [
     "DEFAULT_INSTRUCTION",
+    "FINDINGS_PLACEHOLDER",
     "IGNORE_INDEX",
     "IMAGE_PLACEHOLDER",
     "DType",
@@ -76,6 +77,10 @@ IGNORE_INDEX = -100
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
 """Marks where the visual prefix goes in the prompt text (R2GenGPT's marker); never tokenized."""
+
+FINDINGS_PLACEHOLDER = "<FindingsHere>"
+"""Marks, in an instruction, where each study's stage-1 findings are written as text (a diagnosis
+prompt, as PromptMRG's; Jin et al., 2024, https://arxiv.org/abs/2308.12604); optional."""
 
 DEFAULT_INSTRUCTION = "Generate a comprehensive and detailed diagnosis report for this chest xray image."
 """The generation prompt of R2GenGPT and AM-MRG."""
@@ -472,9 +477,21 @@ class ReportPrompt:
                 f"the rendered prompt must hold {IMAGE_PLACEHOLDER!r} exactly once, found "
                 f"{self.text.count(IMAGE_PLACEHOLDER)} times in {self.text!r} (check the chat template)"
             )
+        if (
+            self.text.count(FINDINGS_PLACEHOLDER) > 1
+            or FINDINGS_PLACEHOLDER in self.text.split(IMAGE_PLACEHOLDER)[0]
+        ):
+            raise ValueError(
+                f"the prompt may hold {FINDINGS_PLACEHOLDER!r} at most once, after the image; got {self.text!r}"
+            )
         before, after = self.text.split(IMAGE_PLACEHOLDER)
+        after, _, tail = after.partition(FINDINGS_PLACEHOLDER)
         self.before_ids: list[int] = leading + self._encode(before)
         self.after_ids: list[int] = self._encode(after)
+        self.has_findings: bool = FINDINGS_PLACEHOLDER in self.text
+        """Whether the prompt writes each study's findings (at :data:`FINDINGS_PLACEHOLDER`)."""
+        self.tail_ids: list[int] = self._encode(tail)
+        """Token ids after the findings (empty without a findings placeholder)."""
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
@@ -489,6 +506,11 @@ class ReportPrompt:
             if full[start : start + len(plain)] == plain:
                 return full[:start]
         return []
+
+    def encode_findings(self, findings: Sequence[str]) -> list[int]:
+        """Token ids of one study's findings at the placeholder: the names, lower case, comma-separated
+        (``"none"`` for no name)."""
+        return self._encode(", ".join(name.lower() for name in findings) or "none")
 
     def encode_report(self, report: str, max_tokens: int) -> list[int]:
         """Token ids of a target report: at most ``max_tokens`` report tokens, then eos."""
@@ -552,8 +574,9 @@ def _assemble(
     prefix_mask: Tensor | None,
     report_ids: list[list[int]] | None,
     padding_side: Literal["left", "right"],
+    findings_ids: list[list[int]] | None = None,
 ) -> LLMInputs:
-    """Splice ``[before, prefix[valid], after, report]`` per sample and pad the batch."""
+    """Splice ``[before, prefix[valid], after, findings, tail, report]`` per sample and pad the batch."""
     device = prefix_embeds.device
 
     def embed(ids: Sequence[int]) -> Tensor:
@@ -561,10 +584,18 @@ def _assemble(
 
     before = embed(prompt.before_ids)  # [T_before, H]
     after = embed(prompt.after_ids)  # [T_after, H]
+    tail = embed(prompt.tail_ids)  # [T_tail, H]
     pad = embed([prompt.special.pad])  # [1, H]
     mask = _check_prefix(prefix_embeds, prefix_mask, pad.shape[-1])
     prefix = prefix_embeds.to(pad.dtype)  # [B, P, H]
     batch, hidden = prefix.shape[0], pad.shape[-1]
+    if prompt.has_findings != (findings_ids is not None):
+        raise ValueError(
+            f"the prompt {'holds' if prompt.has_findings else 'has no'} {FINDINGS_PLACEHOLDER!r} but findings "
+            f"were {'not ' if findings_ids is None else ''}given"
+        )
+    if findings_ids is not None and len(findings_ids) != batch:
+        raise ValueError(f"got findings for {len(findings_ids)} studies for a prefix batch of {batch}")
 
     reports: Tensor | None = None
     if report_ids is not None:
@@ -577,6 +608,8 @@ def _assemble(
     sequences, labels = [], []
     for b in range(batch):
         parts = [before, prefix[b][mask[b]], after]  # [T_before | P_b | T_after, H]
+        if findings_ids is not None:
+            parts += [embed(findings_ids[b]), tail]  # [F_b | T_tail, H]
         label = [IGNORE_INDEX] * sum(p.shape[0] for p in parts)
         if reports is not None and report_ids is not None:
             parts.append(reports[b, : len(report_ids[b])])  # [R_b, H]
@@ -612,10 +645,12 @@ def build_inputs(
     reports: Sequence[str],
     max_report_tokens: int = 100,
     prefix_mask: Tensor | None = None,
+    findings: Sequence[Sequence[str]] | None = None,
 ) -> LLMInputs:
     """Build right-padded training inputs with the loss on report tokens (and eos) only.
 
-    Each sample is ``[prompt before, prefix, prompt after, report tokens, eos]``; labels are
+    Each sample is ``[prompt before, prefix, prompt after, report tokens, eos]`` (with a findings
+    placeholder in the prompt, ``prompt after`` holds the study's findings); labels are
     :data:`IGNORE_INDEX` on the prompt, the prefix and the padding.
 
     Args:
@@ -625,6 +660,8 @@ def build_inputs(
         reports: target reports, one per sample.
         max_report_tokens: report tokens kept before eos (the paper: 60 for IU X-ray, 100 otherwise).
         prefix_mask: optional [B, P] bool, False on prefix slots to drop (e.g. a missing view).
+        findings: the names written at the prompt's :data:`FINDINGS_PLACEHOLDER`, one list per sample;
+            required exactly when the prompt holds it.
 
     Returns:
         :class:`LLMInputs` with inputs_embeds [B, T, H], attention_mask [B, T] and labels [B, T].
@@ -634,7 +671,13 @@ def build_inputs(
     if max_report_tokens < 1:
         raise ValueError(f"max_report_tokens must be >= 1, got {max_report_tokens}")
     report_ids = [prompt.encode_report(r, max_report_tokens) for r in reports]
-    return _assemble(embed_tokens, prompt, prefix_embeds, prefix_mask, report_ids, padding_side="right")
+    return _assemble(
+        embed_tokens, prompt, prefix_embeds, prefix_mask, report_ids, "right", _findings_ids(prompt, findings)
+    )
+
+
+def _findings_ids(prompt: ReportPrompt, findings: Sequence[Sequence[str]] | None) -> list[list[int]] | None:
+    return None if findings is None else [prompt.encode_findings(names) for names in findings]
 
 
 def build_generation_inputs(
@@ -642,6 +685,7 @@ def build_generation_inputs(
     prompt: ReportPrompt,
     prefix_embeds: Tensor,
     prefix_mask: Tensor | None = None,
+    findings: Sequence[Sequence[str]] | None = None,
 ) -> LLMInputs:
     """Build left-padded generation inputs ``[prompt before, prefix, prompt after]``.
 
@@ -654,11 +698,14 @@ def build_generation_inputs(
         prompt: the prompt, built on the LLM's tokenizer.
         prefix_embeds: visual prefix in the LLM width, [B, P, H].
         prefix_mask: optional [B, P] bool, False on prefix slots to drop.
+        findings: as in :func:`build_inputs`.
 
     Returns:
         :class:`LLMInputs` with inputs_embeds [B, T, H], attention_mask [B, T] and no labels.
     """
-    return _assemble(embed_tokens, prompt, prefix_embeds, prefix_mask, None, padding_side="left")
+    return _assemble(
+        embed_tokens, prompt, prefix_embeds, prefix_mask, None, "left", _findings_ids(prompt, findings)
+    )
 
 
 # --------------------------------------------------------------------------------------------------

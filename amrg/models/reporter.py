@@ -165,6 +165,13 @@ class ReportGenerator(nn.Module):
             prefix; ``"pooled"`` (ablation): the mean of the projected patch tokens, repeated Q times, takes
             their place, so nothing is disease-specific (the stage-1 probabilities still come from the
             disease tokens).
+        findings_threshold: when ``instruction`` holds :data:`~amrg.models.llm.FINDINGS_PLACEHOLDER`, the
+            labels whose stage-1 probability reaches this are written there as text, in training and in
+            generation alike (a diagnosis prompt, as PromptMRG's; not in the AM-MRG paper).
+        training_findings: what the findings placeholder states in the training loss: ``"stage1"`` (the
+            stage-1 positives, as in generation) or ``"labels"`` (the study's annotated positives, when the
+            loss is given them: the diagnosis is teacher-forced, so the LLM learns to write what the
+            prompt states and nothing else). Generation and the validation loss always state stage 1's.
 
     Raises:
         ValueError: widths of the classifier, retrievers and memories that do not fit together.
@@ -191,6 +198,8 @@ class ReportGenerator(nn.Module):
         visual_provenance: Sequence[dict[str, Any]] = (),
         report_provenance: Sequence[dict[str, Any]] = (),
         queries: Literal["disease", "pooled"] = "disease",
+        findings_threshold: float = 0.5,
+        training_findings: Literal["stage1", "labels"] = "stage1",
     ) -> None:
         super().__init__()
         width = classifier.qformer.hidden_size
@@ -214,6 +223,10 @@ class ReportGenerator(nn.Module):
             )
         if max_report_tokens < 1:
             problems.append(f"max_report_tokens must be >= 1, got {max_report_tokens}")
+        if not 0.0 < findings_threshold < 1.0:
+            problems.append(f"findings_threshold must be in (0, 1), got {findings_threshold}")
+        if training_findings not in ("stage1", "labels"):
+            problems.append(f"training_findings must be 'stage1' or 'labels', got {training_findings!r}")
         if queries not in ("disease", "pooled"):
             problems.append(f"queries must be 'disease' or 'pooled', got {queries!r}")
         if num_beams < 1:
@@ -237,6 +250,8 @@ class ReportGenerator(nn.Module):
         self.prompt = ReportPrompt(
             tokenizer, instruction=instruction, template=prompt_template, system_prompt=system_prompt
         )
+        self.findings_threshold = findings_threshold
+        self.training_findings = training_findings
         self.max_report_tokens = max_report_tokens
         self.num_beams = num_beams
         self.repetition_penalty = repetition_penalty
@@ -438,13 +453,34 @@ class ReportGenerator(nn.Module):
             pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)  # [B, D]
         return pooled.unsqueeze(1).expand(-1, num_queries, -1)  # [B, Q, D]
 
+    def findings(self, visual: VisualPrefix, labels: Tensor | None = None) -> list[list[str]] | None:
+        """The label names the prompt states for each study, or None when the prompt states none.
+
+        Args:
+            visual: the output of :meth:`encode`; its stage-1 probabilities >= the findings threshold are
+                stated.
+            labels: [B, Q] label codes (1 positive, 0 negative, -1 uncertain, NaN unmentioned); when given,
+                the positives (1) are stated instead of stage 1's.
+        """
+        if not self.prompt.has_findings:
+            return None
+        if labels is not None:
+            positive = labels.to(visual.logits.device) == 1  # [B, Q]
+        else:
+            positive = torch.sigmoid(visual.logits.float()) >= self.findings_threshold  # [B, Q]
+        return [[LABELS[q] for q in row.nonzero().flatten().tolist()] for row in positive]
+
     # ------------------------------------------------------------------ training
-    def loss_from_prefix(self, visual: VisualPrefix, reports: Sequence[str]) -> Tensor:
+    def loss_from_prefix(
+        self, visual: VisualPrefix, reports: Sequence[str], labels: Tensor | None = None
+    ) -> Tensor:
         """Teacher-forced next-token loss on the report tokens (and eos) only.
 
         Args:
             visual: the output of :meth:`encode`.
             reports: target reports, one per study (cleaned text).
+            labels: the studies' [B, Q] label codes; with ``training_findings="labels"`` the prompt states
+                their positives (ignored otherwise, and stage 1's are stated when None).
 
         Returns:
             The mean cross-entropy over report tokens, a scalar.
@@ -456,21 +492,25 @@ class ReportGenerator(nn.Module):
             reports,
             max_report_tokens=self.max_report_tokens,
             prefix_mask=visual.prefix_mask,
+            findings=self.findings(visual, labels if self.training_findings == "labels" else None),
         )
         return self.llm(**inputs.as_model_kwargs()).loss
 
-    def forward(self, images: Tensor, view_mask: Tensor | None, reports: Sequence[str]) -> Tensor:
+    def forward(
+        self, images: Tensor, view_mask: Tensor | None, reports: Sequence[str], labels: Tensor | None = None
+    ) -> Tensor:
         """Training loss for a batch.
 
         Args:
             images: [B, V, 3, H, W].
             view_mask: [B, V] bool, or None.
             reports: B target reports.
+            labels: the studies' [B, Q] label codes (see :meth:`loss_from_prefix`).
 
         Returns:
             Scalar loss on the report tokens.
         """
-        return self.loss_from_prefix(self.encode(images, view_mask), reports)
+        return self.loss_from_prefix(self.encode(images, view_mask), reports, labels)
 
     # ------------------------------------------------------------------ generation
     def _decoding(self, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -500,7 +540,11 @@ class ReportGenerator(nn.Module):
             B reports.
         """
         inputs = build_generation_inputs(
-            self.llm.get_input_embeddings(), self.prompt, visual.prefix, visual.prefix_mask
+            self.llm.get_input_embeddings(),
+            self.prompt,
+            visual.prefix,
+            visual.prefix_mask,
+            self.findings(visual),
         )
         return generate_reports(
             self.llm, self.tokenizer, inputs.inputs_embeds, inputs.attention_mask, **self._decoding(decoding)

@@ -152,19 +152,21 @@ class ReporterModule(LightningModule):
         _ignore_eval_mode_warning()  # again here: test runners and notebooks reset warning filters
 
     # ------------------------------------------------------------------ steps
-    def forward(self, images: Tensor, view_mask: Tensor | None, reports: Sequence[str]) -> Tensor:
-        """Training loss, [B, V, 3, H, W] + [B, V] + B reports -> scalar."""
-        return self.net(images, view_mask, reports)
+    def forward(
+        self, images: Tensor, view_mask: Tensor | None, reports: Sequence[str], labels: Tensor | None = None
+    ) -> Tensor:
+        """Training loss, [B, V, 3, H, W] + [B, V] + B reports (+ [B, 14] labels) -> scalar."""
+        return self.net(images, view_mask, reports, labels)
 
     def training_step(self, batch: Batch | None, batch_idx: int) -> Tensor | None:
         if batch is None:  # every study of the batch was skipped (on_bad_image="skip")
             return None
         size = len(batch)
         if self.association_weight == 0:
-            loss = self(batch.images, batch.view_mask, batch.reports)
+            loss = self(batch.images, batch.view_mask, batch.reports, batch.labels)
         else:
             visual = self.net.encode(batch.images, batch.view_mask, return_attention=True)
-            report_loss = self.net.loss_from_prefix(visual, batch.reports)
+            report_loss = self.net.loss_from_prefix(visual, batch.reports, batch.labels)
             association = self.net.association_loss(visual, batch.labels)
             loss = report_loss + self.association_weight * association
             self.log("train/report_loss", report_loss, on_step=False, on_epoch=True, batch_size=size)

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 import amrg.models.llm as llm_module
 from amrg.models.llm import (
     DEFAULT_INSTRUCTION,
+    FINDINGS_PLACEHOLDER,
     IGNORE_INDEX,
     LLMInputs,
     LoRAConfig,
@@ -235,6 +236,48 @@ def test_prefix_mask_drops_slots_and_generation_pads_left(tokenizers) -> None:
             torch.testing.assert_close(gen.inputs_embeds[b, -len(prompt.after_ids) :], tail)
     assert set(gen.as_model_kwargs()) == {"inputs_embeds", "attention_mask"}
     assert set(train.as_model_kwargs()) == {"inputs_embeds", "attention_mask", "labels"}
+
+
+@pytest.mark.parametrize("style", ["llama", "qwen"])
+def test_findings_placeholder_writes_each_study_s_findings_into_the_prompt(tokenizers, style: str) -> None:
+    tok = tokenizers[style]
+    embed = tiny(tok).get_input_embeddings()
+    prompt = ReportPrompt(tok, instruction=f"Findings: {FINDINGS_PLACEHOLDER}. Describe the image.")
+    assert prompt.has_findings and not ReportPrompt(tok).has_findings
+    assert tok.decode(prompt.after_ids).endswith("Findings: ")
+    assert tok.decode(prompt.tail_ids).startswith(". Describe the image.")
+    findings = [["Cardiomegaly", "Pleural Effusion"], []]
+    ids = [prompt.encode_findings(f) for f in findings]
+    assert [tok.decode(i) for i in ids] == ["cardiomegaly, pleural effusion", "none"]
+    pre = prefix(2, length=3)
+    n_fixed = len(prompt.before_ids) + 3 + len(prompt.after_ids) + len(prompt.tail_ids)
+
+    train = build_inputs(embed, prompt, pre, REPORTS[:2], findings=findings)
+    with torch.no_grad():
+        for b in range(2):
+            start = len(prompt.before_ids) + 3 + len(prompt.after_ids)
+            row = train.inputs_embeds[b]
+            torch.testing.assert_close(row[start : start + len(ids[b])], embed(torch.tensor(ids[b])))
+            after = start + len(ids[b])
+            torch.testing.assert_close(
+                row[after : after + len(prompt.tail_ids)], embed(torch.tensor(prompt.tail_ids))
+            )
+            n_prompt = n_fixed + len(ids[b])
+            assert train.labels[b, :n_prompt].eq(IGNORE_INDEX).all()  # no loss on the findings
+            assert train.labels[b, n_prompt] != IGNORE_INDEX  # the report starts right after the tail
+
+    gen = build_generation_inputs(embed, prompt, pre, findings=findings)
+    longest = n_fixed + max(len(i) for i in ids)
+    assert gen.inputs_embeds.shape[1] == longest
+    assert gen.attention_mask.sum(dim=1).tolist() == [n_fixed + len(i) for i in ids]  # left padding
+    with pytest.raises(ValueError, match="findings were not given"):
+        build_generation_inputs(embed, prompt, pre)
+    with pytest.raises(ValueError, match="has no '<FindingsHere>' but findings were given"):
+        build_generation_inputs(embed, ReportPrompt(tok), pre, findings=findings)
+    with pytest.raises(ValueError, match="findings for 1 studies"):
+        build_inputs(embed, prompt, pre, REPORTS[:2], findings=findings[:1])
+    with pytest.raises(ValueError, match="at most once, after the image"):
+        ReportPrompt(tok, instruction=f"{FINDINGS_PLACEHOLDER} and {FINDINGS_PLACEHOLDER}")
 
 
 def test_build_inputs_rejects_mismatches(tokenizers) -> None:

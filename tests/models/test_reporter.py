@@ -439,6 +439,28 @@ def test_pooled_queries_ablation_makes_every_query_the_same(tokenizers) -> None:
         make_generator(tokenizers["llama"], queries="mean")
 
 
+def test_findings_prompt_states_the_stage1_positives_in_training_and_generation(tokenizers) -> None:
+    instruction = "Findings: <FindingsHere>. Write the report."
+    net = make_generator(tokenizers["llama"], instruction=instruction, findings_threshold=0.5).eval()
+    images, view_mask = batch()
+    visual = net.encode(images, view_mask)
+    visual.logits = torch.full_like(visual.logits, -5.0)
+    visual.logits[0, [LABELS.index("Cardiomegaly"), LABELS.index("Edema")]] = 0.1  # p = 0.525
+    visual.logits[1, LABELS.index("Edema")] = -0.1  # p = 0.475: below the threshold
+    assert net.findings(visual) == [["Cardiomegaly", "Edema"], []]
+    assert make_generator(tokenizers["llama"]).findings(visual) is None  # no placeholder, no findings
+    loss = net.loss_from_prefix(visual, ["heart is enlarged.", "lungs are clear."])
+    assert torch.isfinite(loss)
+    # What is stated changes what is written: the same prefix with other findings gives other logits.
+    shifted = net.encode(images, view_mask)
+    shifted.logits = visual.logits.flip(0)
+    assert net.findings(shifted) == [[], ["Cardiomegaly", "Edema"]]
+    assert net.loss_from_prefix(shifted, ["heart is enlarged.", "lungs are clear."]) != loss
+    assert len(net.generate_from_prefix(visual, num_beams=1, max_new_tokens=3, min_new_tokens=1)) == 2
+    with pytest.raises(ValueError, match=r"findings_threshold must be in \(0, 1\)"):
+        make_generator(tokenizers["llama"], instruction=instruction, findings_threshold=1.0)
+
+
 # --------------------------------------------------------------------------------------------------
 # The auxiliary association loss
 
