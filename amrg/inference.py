@@ -287,7 +287,7 @@ class Predictor:
     def _read_view(self, view: ViewInput, where: str) -> _View:
         size = self.image_size
         if isinstance(view, (str, os.PathLike)):
-            gray = read_grayscale(view)
+            gray = read_grayscale(view, size_hint=size)
             return _View(to_model_input(gray, size), _display(gray), str(view))
         if isinstance(view, Image.Image):
             gray = grayscale_from_pil(view, where)
