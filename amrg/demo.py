@@ -21,6 +21,7 @@ command has not changed (``fresh=True`` redoes everything).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -152,9 +153,10 @@ def _run_stage(
         threads: torch/OpenMP threads of the command (``OMP_NUM_THREADS``); 0 leaves the default.
     """
     done = out / f"{name}.done.json"
+    recipes = _recipe_hashes(args)
     if done.is_file() and artifact.exists():
         record = json.loads(done.read_text(encoding="utf-8"))
-        if record.get("args") == args:
+        if record.get("args") == args and record.get("recipes") == recipes:
             _logger.info("%s %s: done before (%s), reused", step, name, done)
             return float(record["seconds"])
     where = f" (output: {log})" if log is not None else ""
@@ -182,9 +184,17 @@ def _run_stage(
     _logger.info("%s %s: finished in %.0f s", step, name, seconds)
     tmp = done.with_name(done.name + ".tmp")
     seconds = round(seconds, 1)  # what a re-run reads back, so both runs write the same table
-    tmp.write_text(json.dumps({"args": args, "seconds": seconds}) + "\n", encoding="utf-8")
+    tmp.write_text(
+        json.dumps({"args": args, "recipes": recipes, "seconds": seconds}) + "\n", encoding="utf-8"
+    )
     os.replace(tmp, done)
     return seconds
+
+
+def _recipe_hashes(args: Sequence[str]) -> dict[str, str]:
+    """sha256 of every recipe a command reads (``-c FILE``), so an edited recipe makes its stage run again."""
+    files = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("-c", "--config")]
+    return {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files}
 
 
 def stage1_sentences(positive: Sequence[str]) -> str:

@@ -182,6 +182,25 @@ def test_a_stage_that_runs_again_makes_the_later_stages_run(
     assert [c[3:] for c in calls[16:]] == [args["memory"], *(args[name] for name in later)]
 
 
+def test_an_edited_recipe_makes_its_stage_run_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import amrg.demo as demo
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(
+        demo.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0)
+    )
+    recipe = tmp_path / "stage2.yaml"
+    recipe.write_text("model: {lr: 1}\n")
+    (tmp_path / "ckpt").touch()
+    args = ["fit", "-c", str(recipe)]
+    for _ in range(2):  # the second call reuses
+        demo._run_stage(tmp_path, "stage2", args, "[x]", tmp_path / "ckpt")
+    assert len(calls) == 1
+    recipe.write_text("model: {lr: 2}\n")  # same arguments, other recipe: runs again
+    demo._run_stage(tmp_path, "stage2", args, "[x]", tmp_path / "ckpt")
+    assert len(calls) == 2
+
+
 def test_a_failing_stage_names_itself_and_shows_the_end_of_its_output(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
