@@ -8,8 +8,9 @@ no progress bar, no warning), that line naming the file or record, and every fil
 Most cases stop before torch is imported or right after (0.2-2 s each); the few that parse a Lightning recipe
 (``fit --ckpt_path``, ``memory build``) or import transformers (a checkpoint that only torch.load can
 judge) take 5-9 s, so there are few of them (a weights-only checkpoint and a missing ``--ckpt_path`` are
-tested in-process in tests/test_cli.py). The cases run side by side (the ``runs`` fixture): about 100 s of
-CPU, ~50 s on an idle 2-core box. The closing note of issue 14 lists each case's line;
+tested in-process in tests/test_cli.py). The cases run side by side (the ``runs`` fixture). Measured one
+by one: eval and synth 0.2-0.3 s, every command that imports torch (data check, predict-images) 2-3 s, the
+five heavy ones 7-9 s; about 110 s of CPU in all, ~55 s on an idle 2-core box. The closing note of issue 14 lists each case's line;
 ``python tests/test_catalogue.py [NAME_PART ...]`` prints them.
 """
 
@@ -190,6 +191,11 @@ def _image_outside_root(tmp: Path) -> Case:
     return Case(_check(tmp, ann), ["1 outside the image root", "../elsewhere.png"])
 
 
+def _image_over_the_pixel_cap(tmp: Path) -> Case:
+    ann = _dataset(tmp)  # 32 x 32 images: 1,024 pixels each
+    return Case(_check(tmp, ann, "--max_pixels", "1000"), ["unreadable", "a/0.png", "max_pixels"])
+
+
 def _eval_missing(tmp: Path) -> Case:
     return Case(["eval", str(tmp / "p.jsonl"), "--no_meteor"], ["p.jsonl", "not found"])
 
@@ -361,6 +367,12 @@ def _predict_output_folder_read_only(tmp: Path) -> Case:
     return Case(args, ["cannot write predictions", "results/p.jsonl", "permission denied"])
 
 
+def _predict_image_over_the_pixel_cap(tmp: Path) -> Case:
+    ckpt = _state_dict(tmp / "model.ckpt")
+    args = _predict(tmp, ckpt, [_png(tmp / "x.png")], tmp / "p.jsonl", "--max_pixels", "1000")
+    return Case(args, ["x.png", "1,024 pixels", "max_pixels"])
+
+
 def _predict_bad_option(tmp: Path) -> Case:
     ckpt = _state_dict(tmp / "model.ckpt")
     args = _predict(tmp, ckpt, [_png(tmp / "x.png")], tmp / "p.jsonl", "--batch_size", "0")
@@ -411,6 +423,7 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "image truncated JPEG": _image_truncated_jpeg,
     "image .dcm not DICOM": _image_not_dicom,
     "image path outside the root": _image_outside_root,
+    "image over the pixel cap": _image_over_the_pixel_cap,
     "eval file missing": _eval_missing,
     "eval empty file": _eval_empty,
     "eval bad JSON line": _eval_bad_json_line,
@@ -437,6 +450,7 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "predict output is a folder": _predict_output_is_a_folder,
     "predict output folder is a file": _predict_output_folder_is_a_file,
     "predict output folder read-only": _predict_output_folder_read_only,
+    "predict image over the pixel cap": _predict_image_over_the_pixel_cap,
     "predict --batch_size 0": _predict_bad_option,
     "predict --figures is a file": _predict_figures_is_a_file,
     "memory build on a non-checkpoint": _memory_build_not_a_checkpoint,
