@@ -10,7 +10,7 @@ Most cases stop before torch is imported or right after (0.2-2 s each); the few 
 judge) take 5-9 s, so there are few of them (a weights-only checkpoint and a missing ``--ckpt_path`` are
 tested in-process in tests/test_cli.py). The cases run side by side (the ``runs`` fixture). Measured one
 by one: eval and synth 0.2-0.3 s, every command that imports torch (data check, predict-images) 2-3 s, the
-five heavy ones 7-9 s; about 110 s of CPU in all, ~55 s on an idle 2-core box. The closing note of issue 14 lists each case's line;
+four heavy ones 7-9 s; about 110 s of CPU in all, ~55 s on an idle 2-core box. The closing note of issue 14 lists each case's line;
 ``python tests/test_catalogue.py [NAME_PART ...]`` prints them.
 """
 
