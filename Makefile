@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip freeze | grep -iE '^(torch|torchvision)==' > $(VENV)/torch-constraint.txt
-	$(BIN)/pip install --quiet -c $(VENV)/torch-constraint.txt -e '.[dev,notebook,serve]'
+	$(BIN)/pip install --quiet -c $(VENV)/torch-constraint.txt -e '.[dev,notebook,serve,demo]'
 	touch $@
 
 setup: $(VENV)/.installed  ## create .venv and install amrg with its dev tools, notebook and web-demo extras

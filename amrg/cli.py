@@ -509,6 +509,9 @@ def lightning_cli(args: list[str] | None, run: bool = True):
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        # checkpoints written to a temp file in their own folder and renamed (Lightning's own goes through
+        # $TMPDIR and, across file systems, truncates the previous checkpoint while copying)
+        trainer_defaults={"plugins": [{"class_path": "amrg.checkpoints.atomic_io.AtomicCheckpointIO"}]},
         # ${run_path:...} in a recipe is resolved after every config file and override is merged
         parser_kwargs={"parser_mode": "omegaconf+"},
         args=args,

@@ -191,6 +191,19 @@ def _run_stage(
     return seconds
 
 
+def _check_text_encoder(memory_yaml: Path) -> None:
+    """Fail before any training when the report memory's text encoder is not installed (an extra)."""
+    import yaml
+
+    from amrg.memory.reports import resolve_model_dir
+
+    path = (yaml.safe_load(memory_yaml.read_text(encoding="utf-8")) or {}).get("report", {}).get("path")
+    try:
+        resolve_model_dir(path)
+    except FileNotFoundError as err:
+        raise DemoError(f"{memory_yaml}: the report memory's text encoder is missing: {err}") from err
+
+
 def _recipe_hashes(args: Sequence[str]) -> dict[str, str]:
     """sha256 of every recipe a command reads (``-c FILE``), so an edited recipe makes its stage run again."""
     files = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("-c", "--config")]
@@ -409,6 +422,7 @@ def run_demo(
         raise DemoError(
             f"--reports '{reports}' not found: give NLMCXR_reports.tgz or the torchxrayvision wheel"
         )
+    _check_text_encoder(configs / "demo" / "memory.yaml")
     settings = {"data": data, "seed": seed, "preset": preset}
     _prepare_out(out, fresh, settings)
     tiny = _TINY if preset == "tiny" else {"data": [], "stage1": [], "stage2": []}

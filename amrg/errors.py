@@ -103,6 +103,8 @@ def writing(path: str | os.PathLike[str], what: str = "output") -> Iterator[None
             errno.EISDIR: "it is a folder",
             errno.EFBIG: "file too large for the file system",
             errno.ENOENT: "its folder does not exist",
+            errno.EEXIST: "a file is in the way (of it or of its folder)",
+            errno.ENOTDIR: "a file is in the way of its folder",
         }.get(err.errno or -1, err.strerror or str(err))
         raise OutputError(f"cannot write {what} '{path}': {reason}") from err
 

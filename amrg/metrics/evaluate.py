@@ -115,7 +115,8 @@ def read_predictions(path: Path) -> PredictionFile:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise EvalInputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        line = err.object[: err.start].count(b"\n") + 1
+        raise EvalInputError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     reports: dict[str, str] = {}
     references: dict[str, str] = {}
     lines: dict[str, int] = {}

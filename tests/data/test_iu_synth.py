@@ -159,7 +159,7 @@ def test_cli_prints_one_line_and_exits_1(tmp_path, capsys, kind, message):
         cli.main(["data", "iu-synth", "--out", str(tmp_path / "out"), "--reports", str(src)])
     assert info.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("amrg data iu-synth: --reports ") and message in err and "\n" not in err
+    assert err.startswith("amrg: error: data iu-synth: --reports ") and message in err and "\n" not in err
 
 
 def test_cli_writes_the_dataset(iu_tgz, tmp_path, capsys):

@@ -176,7 +176,7 @@ def test_bad_predictions_give_one_line_and_exit_1(case: str, tmp_path: Path, cap
     path.write_text(content)
     code, out, err = _eval(str(path), "--no_meteor", "--resamples", "10", capsys=capsys)
     assert code == 1
-    assert err.count("\n") == 1 and err.startswith("amrg eval: "), err
+    assert err.count("\n") == 1 and err.startswith("amrg: error: "), err
     for fragment in fragments:
         assert fragment in err, (fragment, err)
     assert not (tmp_path / "p.eval.json").exists()

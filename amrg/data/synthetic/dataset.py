@@ -50,7 +50,7 @@ def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int
             problems.append(f"{name} must be in [0, 1), got {f}")
     if val_fraction + test_fraction >= 1.0:
         total = val_fraction + test_fraction
-        problems.append(f"val_fraction + test_fraction must be < 1 to leave a train split, got {total}")
+        problems.append(f"val_fraction + test_fraction must be < 1 to leave a train split, got {total:g}")
     if problems:
         raise ConfigError("synthesize: " + "; ".join(problems))
     n_val, n_test = round(n * val_fraction), round(n * test_fraction)
