@@ -17,11 +17,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from amrg.checkpoints.atomic_io import atomic_write_text
 from amrg.data.cleaning import CleaningStyle
 from amrg.data.dataset import FillMissingView, OnBadImage, ReportDataset, collate_studies
 from amrg.data.images import DEFAULT_MAX_PIXELS, train_augmentation
 from amrg.data.schema import Annotation, Study, load_annotation
+from amrg.files import atomic_write_text
 
 __all__ = [
     "CheXpertPlusDataModule",

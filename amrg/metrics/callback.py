@@ -25,7 +25,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
-from amrg.checkpoints.atomic_io import atomic_write, atomic_write_text
+from amrg.files import atomic_write, atomic_write_text
 from amrg.metrics.clinical import ClinicalEfficacy, ReportLabeler
 from amrg.metrics.nlg import NLGScores
 

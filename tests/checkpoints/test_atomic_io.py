@@ -1,4 +1,4 @@
-"""amrg.checkpoints.atomic_io: whole files or none, in the target's folder, errors naming the target."""
+"""amrg.files and amrg.checkpoints.atomic_io: whole files or none, in the target's folder, errors naming the target."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, TensorDataset
 
-from amrg.checkpoints.atomic_io import AtomicCheckpointIO, atomic_write, atomic_write_text
+from amrg.checkpoints.atomic_io import AtomicCheckpointIO
 from amrg.errors import OutputError
+from amrg.files import atomic_write, atomic_write_text
 
 
 def _full_disk_after(n: int):
