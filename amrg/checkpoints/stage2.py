@@ -50,6 +50,7 @@ from amrg.models.llm import (
     LoRAConfig,
     apply_lora,
     build_tiny_llm,
+    enable_gradient_checkpointing,
     freeze,
     load_causal_lm,
 )
@@ -177,6 +178,7 @@ def build_report_generator(
     lora: LoRAConfig = LoRAConfig(),  # noqa: B008 - plain data
     dtype: DType = "float32",
     attn_implementation: AttnImplementation = "sdpa",
+    gradient_checkpointing: bool = False,
     trust_remote_code: bool = False,
     freeze_encoder: bool = True,
     freeze_qformer: bool = True,
@@ -210,6 +212,10 @@ def build_report_generator(
         lora: LoRA options (paper: r=16 on q_proj/v_proj).
         dtype: LLM parameter dtype (paper: bfloat16).
         attn_implementation: attention kernel of an LLM loaded from llm_path.
+        gradient_checkpointing: recompute the LLM's decoder-layer activations in the backward pass
+            instead of storing them (less memory, about one more forward pass; same loss and gradients).
+            No effect with ``llm_training="frozen"`` (a frozen LLM runs in eval mode). Recorded in the
+            checkpoint, so a resumed or reloaded network keeps it.
         trust_remote_code: allow model code shipped in the LLM folder (only from your own config).
         freeze_encoder: keep the stage-1 vision encoder frozen (paper: frozen).
         freeze_qformer: keep the stage-1 Q-Former frozen (paper: frozen).
@@ -320,7 +326,7 @@ def build_report_generator(
             "identity": identity,
             "attn_implementation": attn_implementation,
         }
-    llm = _set_training(llm, llm_training, lora)
+    llm = _set_training(llm, llm_training, lora, gradient_checkpointing)
 
     retrievers = {}
     for name, factory, patterns in (
@@ -365,7 +371,13 @@ def build_report_generator(
         "memory": {"path": str(Path(memory).resolve()), "manifest": folder.manifest},
         "visual_retriever": retrievers["visual_retriever_config"],
         "report_retriever": retrievers["report_retriever_config"],
-        "llm": {**llm_record, "dtype": dtype, "training": llm_training, "lora": asdict(lora)},
+        "llm": {
+            **llm_record,
+            "dtype": dtype,
+            "training": llm_training,
+            "lora": asdict(lora),
+            "gradient_checkpointing": gradient_checkpointing,
+        },
         "tokenizer_files": _tokenizer_files(tokenizer),
         "settings": settings,
     }
@@ -490,7 +502,14 @@ def generator_from_checkpoint(
             folder, llm_info["dtype"], llm_info.get("attn_implementation", "sdpa"), trust_remote_code
         )
         tokenizer = tokenizer if tokenizer is not None else own_tokenizer
-    llm = _set_training(llm, llm_info["training"], LoRAConfig(**llm_info["lora"]))
+    llm = _set_training(
+        llm,
+        llm_info["training"],
+        LoRAConfig(**llm_info["lora"]),
+        bool(
+            llm_info.get("gradient_checkpointing", False)
+        ),  # absent in checkpoints written before the switch
+    )
     retrievers = {
         name: _retriever_from_config(record[name], width, memories[name.split("_")[0]], source)
         for name in ("visual_retriever", "report_retriever")
@@ -591,7 +610,16 @@ def _tiny_llm(tokenizer: PreTrainedTokenizerBase, tiny: TinyLLMConfig, dtype: DT
     )
 
 
-def _set_training(llm: nn.Module, mode: str, lora: LoRAConfig) -> nn.Module:
+def _set_training(
+    llm: nn.Module, mode: str, lora: LoRAConfig, gradient_checkpointing: bool = False
+) -> nn.Module:
+    if gradient_checkpointing:
+        if mode == "frozen":
+            _logger.warning(
+                "gradient_checkpointing has no effect with llm_training='frozen': the frozen LLM runs in eval "
+                "mode, where transformers does not checkpoint"
+            )
+        enable_gradient_checkpointing(llm)  # on the plain model, before peft wraps it
     if mode == "lora":
         return apply_lora(
             llm, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules

@@ -130,6 +130,43 @@ def test_a_tiny_checkpoint_alone_rebuilds_the_same_network(tmp_path: Path) -> No
     assert_same_network(net, load_stage2(moved))
 
 
+def _checkpointed(net: ReportGenerator) -> bool:
+    flags = [m.gradient_checkpointing for m in net.llm.modules() if hasattr(m, "gradient_checkpointing")]
+    assert flags  # the tiny Llama's model and decoder layers carry the switch
+    return all(flags)
+
+
+@pytest.mark.parametrize("llm_training", ["full", "lora"])
+def test_gradient_checkpointing_is_recorded_and_survives_a_round_trip(
+    tmp_path: Path, llm_training: str
+) -> None:
+    files = stage2_files(tmp_path / "run")
+    plain = build(files, llm_training=llm_training)
+    net = build(files, llm_training=llm_training, gradient_checkpointing=True)
+    assert not _checkpointed(plain) and _checkpointed(net)
+    net.load_state_dict(plain.state_dict())  # the prefix projections draw from the global RNG
+    # the switch changes memory, not the numbers: same loss and gradients on the whole network
+    images, view_mask = batch()
+    grads = []
+    for model in (plain, net):
+        model.train()
+        model.zero_grad()
+        torch.manual_seed(0)  # the same Hopfield dropout masks (the recompute replays the RNG state)
+        loss = model(images, view_mask, REPORTS[:2])
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    ckpt = save(net, tmp_path / "stage2.ckpt")
+    assert read(ckpt)[RECORD_KEY]["llm"]["gradient_checkpointing"] is True
+    loaded = load_stage2(ckpt)
+    assert _checkpointed(loaded)
+    assert loaded.build_record["llm"]["gradient_checkpointing"] is True
+    assert not _checkpointed(load_stage2(save(plain, tmp_path / "plain.ckpt")))
+
+
 @pytest.mark.parametrize("llm_training", ["lora", "frozen"])
 def test_a_base_llm_is_referenced_by_identity_and_may_move(tmp_path: Path, llm_training: str) -> None:
     files = stage2_files(tmp_path)

@@ -26,6 +26,7 @@ from amrg.models.llm import (
     build_generation_inputs,
     build_inputs,
     build_tiny_llm,
+    enable_gradient_checkpointing,
     freeze,
     generate_reports,
     load_causal_lm,
@@ -418,6 +419,64 @@ def test_lora_options_are_validated(tokenizers) -> None:
         LoRAConfig(r=0, dropout=1.5)
     with pytest.raises(ValueError, match=r"lora\.target_modules \['qkv'\] not found in LlamaForCausalLM"):
         apply_lora(tiny(tokenizers["llama"]), target_modules=("q_proj", "qkv"))
+
+
+def _loss_and_grads(model: nn.Module, tok, checkpointing: bool) -> tuple[Tensor, dict[str, Tensor], int]:
+    """Loss, gradients (LLM and a trainable prefix projection) and how often layer 0's attention ran."""
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    torch.manual_seed(11)
+    proj = nn.Linear(16, HIDDEN)  # the prefix comes from a trainable projection, as in ReportGenerator
+    raw = prefix(2, length=3, seed=4, width=16)
+    calls = []
+    layer0 = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn"))
+    hook = layer0.register_forward_hook(lambda *_: calls.append(1))
+    model.train()
+    inputs = build_inputs(model.get_input_embeddings(), ReportPrompt(tok), proj(raw), REPORTS[:2])
+    loss = model(**inputs.as_model_kwargs()).loss
+    loss.backward()
+    hook.remove()
+    grads = {f"llm.{n}": p.grad for n, p in model.named_parameters() if p.requires_grad}
+    grads.update({f"proj.{n}": p.grad for n, p in proj.named_parameters()})
+    return loss.detach(), grads, len(calls)
+
+
+@pytest.mark.parametrize("training", ["full", "lora"])
+@pytest.mark.parametrize(("style", "family"), [("llama", "llama"), ("qwen", "qwen2")])
+def test_gradient_checkpointing_keeps_loss_and_gradients(
+    tokenizers, style: str, family: str, training: str
+) -> None:
+    tok = tokenizers[style]
+
+    def model() -> nn.Module:
+        m = tiny(tok, family, seed=2)
+        if training == "lora":
+            m = apply_lora(m, r=4, alpha=8, dropout=0.0)
+            for name, p in m.named_parameters():  # B starts at 0; make A's gradient non-zero too
+                if "lora_B" in name:
+                    nn.init.normal_(p, std=0.1)
+        return m
+
+    loss, grads, calls = _loss_and_grads(model(), tok, checkpointing=False)
+    loss_gc, grads_gc, calls_gc = _loss_and_grads(model(), tok, checkpointing=True)
+    assert (calls, calls_gc) == (1, 2)  # checkpointing re-runs each layer once in the backward pass
+    torch.testing.assert_close(loss_gc, loss)
+    assert grads_gc.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert grad is not None and grads_gc[name] is not None, name
+        assert grad.abs().sum() > 0, name  # every trainable weight (LoRA A and B, the prefix) is reached
+        torch.testing.assert_close(grads_gc[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_leaves_generation_alone(tokenizers) -> None:
+    tok = tokenizers["llama"]
+    plain, checkpointed = tiny(tok, seed=3), enable_gradient_checkpointing(tiny(tok, seed=3))
+    outs = []
+    for model in (plain, checkpointed):
+        model.train()  # generate_reports switches to eval mode itself
+        gen = build_generation_inputs(model.get_input_embeddings(), ReportPrompt(tok), prefix(2))
+        outs.append(generate_reports(model, tok, gen.inputs_embeds, gen.attention_mask, 2, 1.5, 1.0, 3, 8))
+    assert outs[0] == outs[1]
 
 
 def test_freeze_freezes_everything(tokenizers) -> None:
