@@ -208,3 +208,126 @@ def test_ablation_overlays_compose_with_a_stage2_recipe(overlay: Path, capsys) -
         "pooled_queries": ("amrg.models.HopfieldRetriever", "pooled"),
     }[overlay.stem]
     assert expected[0] in retrievers and net["queries"] == expected[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer overlays build (issue 15): every overlay gives a Trainer on the CPU; FSDP and DeepSpeed need GPUs
+# (and FSDP a process group), so their strategy objects are instantiated from the YAML instead.
+
+_GPU_ONLY = {"fsdp", "deepspeed_zero2", "deepspeed_zero3"}
+_MULTI_GPU = ("ddp_gpu", "fsdp")  # what multinode.yaml composes after
+
+
+def _strategy(overlay: Path):
+    """The strategy object a YAML overlay names, instantiated the way LightningCLI does (jsonargparse)."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import Strategy
+
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy)
+    config = parser.parse_object({"strategy": yaml.safe_load(overlay.read_text())["trainer"]["strategy"]})
+    # jsonargparse >= 4.49 names it instantiate (instantiate_classes is deprecated); pyproject allows 4.43
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    return instantiate(config).strategy
+
+
+@pytest.mark.parametrize("overlay", [p for p in OVERLAYS if p.stem not in _GPU_ONLY], ids=_id)
+def test_trainer_overlays_build_a_trainer_on_cpu(overlay: Path) -> None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    extra = ["--config", str(CONFIGS / "trainer" / "ddp_gpu.yaml")] if overlay.stem == "multinode" else []
+    built = cli.lightning_cli(
+        [
+            *_composed(CONFIGS / "demo" / "stage1.yaml"),
+            *extra,
+            "--config",
+            str(overlay),
+            "--trainer.accelerator=cpu",  # the GPU overlays' own settings, on the CPU
+            "--trainer.logger=false",
+            "--trainer.accumulate_grad_batches=4",  # gradient accumulation is a plain override
+        ],
+        run=False,
+    )
+    trainer = built.trainer
+    assert trainer.accumulate_grad_batches == 4
+    settings = yaml.safe_load(overlay.read_text())["trainer"]
+    if "precision" in settings:
+        assert trainer.precision == settings["precision"]
+    if overlay.stem == "multinode":
+        assert trainer.num_nodes == 2 and isinstance(trainer.strategy, DDPStrategy)
+    if overlay.stem in ("ddp_gpu", "ddp_cpu"):
+        assert isinstance(trainer.strategy, DDPStrategy)
+
+
+def test_multinode_composes_with_every_multi_gpu_overlay(capsys) -> None:
+    for base in _MULTI_GPU:
+        printed = _printed(
+            ["fit"],
+            [
+                *_composed(CONFIGS / "demo" / "stage2.yaml"),
+                "--config",
+                str(CONFIGS / "trainer" / f"{base}.yaml"),
+                "--config",
+                str(CONFIGS / "trainer" / "multinode.yaml"),
+                "--trainer.num_nodes=4",  # as docs/cluster.md sets it from $SLURM_NNODES
+            ],
+            capsys,
+        )["trainer"]
+        assert printed["num_nodes"] == 4 and printed["strategy"]["class_path"].endswith(
+            {"ddp_gpu": "DDPStrategy", "fsdp": "FSDPStrategy"}[base]
+        )
+
+
+def test_fsdp_overlay_shards_the_llm_decoder_layers() -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    strategy = _strategy(CONFIGS / "trainer" / "fsdp.yaml")
+    assert isinstance(strategy, FSDPStrategy)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert isinstance(policy, ModuleWrapPolicy)
+    assert set(policy._module_classes) == {LlamaDecoderLayer, Qwen2DecoderLayer}
+    # frozen and trainable parameters share the network: FSDP must keep the original parameters
+    assert strategy.kwargs["use_orig_params"] is True
+    assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD
+    assert (
+        yaml.safe_load((CONFIGS / "trainer" / "fsdp.yaml").read_text())["trainer"]["precision"]
+        == "bf16-mixed"
+    )
+
+
+def _deepspeed_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_overlays_name_their_zero_stage(stage: int, capsys) -> None:
+    overlay = CONFIGS / "trainer" / f"deepspeed_zero{stage}.yaml"
+    printed = _printed(
+        ["fit"], [*_composed(CONFIGS / "demo" / "stage2.yaml"), "--config", str(overlay)], capsys
+    )
+    strategy = printed["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.DeepSpeedStrategy"
+    assert strategy["init_args"]["stage"] == stage and printed["trainer"]["precision"] == "bf16-mixed"
+    if _deepspeed_available():
+        return
+    # deepspeed is an optional extra: without it the strategy refuses to start and says what is missing
+    with pytest.raises(Exception, match="(?i)deepspeed"):
+        _strategy(overlay)
+
+
+@pytest.mark.skipif(
+    not _deepspeed_available(), reason="deepspeed not installed (optional extra: pip install deepspeed)"
+)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_overlays_instantiate(stage: int) -> None:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = _strategy(CONFIGS / "trainer" / f"deepspeed_zero{stage}.yaml")
+    assert isinstance(strategy, DeepSpeedStrategy)
+    assert strategy.config["zero_optimization"]["stage"] == stage
