@@ -171,13 +171,6 @@ def test_two_processes_score_and_predict_each_study_once(runs: dict[str, Path]) 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="transformers 5 exempts a row's first k generated tokens from repetition_penalty when it has k "
-    "left-padding positions (prompt_ignore_length from the attention mask, meant for input_ids prompts; with "
-    "inputs_embeds input_ids holds only new tokens), so a report depends on the other prompts of its batch; "
-    "fix in amrg.models.llm.generate_reports (issue 15)",
-)
 def test_two_processes_give_the_scores_and_reports_of_one(runs: dict[str, Path]) -> None:
     """Each rank batches other studies together than one process does; the reports must not change."""
     scores1, hypotheses1 = _test_outputs(runs["test1"])

@@ -42,10 +42,12 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
+    LogitsProcessorList,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen2Config,
+    RepetitionPenaltyLogitsProcessor,
 )
 
 __all__ = [
@@ -803,7 +805,14 @@ def generate_reports(
     options: dict[str, object] = {
         "do_sample": False,
         "num_beams": num_beams,
-        "repetition_penalty": repetition_penalty,
+        # Our own repetition-penalty processor, not generate's: given inputs_embeds, transformers 5 skips
+        # each row's left-padding length of *generated* tokens (its prompt_ignore_length assumes the prompt
+        # ids are in the history, which inputs_embeds are not), so a report depended on the other prompts
+        # in its batch (batch size, DDP sharding). Ours penalises every generated token of every row.
+        "repetition_penalty": 1.0,
+        "logits_processor": LogitsProcessorList(
+            [RepetitionPenaltyLogitsProcessor(repetition_penalty)] if repetition_penalty != 1.0 else []
+        ),
         "min_new_tokens": min_new_tokens,
         "max_new_tokens": max_new_tokens,
         "eos_token_id": special.eos,
@@ -815,13 +824,7 @@ def generate_reports(
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings():
-            # transformers warns that the penalty skips the prompt when it is given as embeddings;
-            # that is the intended behaviour here (the prompt holds the visual prefix, not tokens).
-            warnings.filterwarnings(
-                "ignore", message=r"Passing `repetition_penalty` with `inputs_embeds`", category=UserWarning
-            )
-            sequences = model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **options)
+        sequences = model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **options)
     finally:
         model.train(was_training)
     # Decoder-only generate() with inputs_embeds returns only the new tokens, [B, new].

@@ -619,3 +619,26 @@ def test_memory_estimate_bounds_what_autograd_keeps(checkpointing: bool) -> None
     assert measured <= formula
     if not checkpointing:
         assert measured >= 0.75 * formula, (measured, formula)
+
+
+def test_a_report_does_not_depend_on_the_other_prompts_of_its_batch(tokenizers) -> None:
+    """transformers 5's own repetition penalty skips a left-padded row's first generated tokens when the
+    prompt is embeddings; generate_reports penalises every generated token, so batching changes nothing."""
+    tok = tokenizers["llama"]
+    model = tiny(tok)
+    embed = model.get_input_embeddings()
+    prompt = ReportPrompt(tok)
+    both = prefix(2, length=9)
+    mask = torch.tensor([[True] * 2 + [False] * 7, [True] * 9])  # row 0: a 2-slot prefix, left-padded by 7
+    alone = build_generation_inputs(embed, prompt, both[:1, :2])
+    batch = build_generation_inputs(embed, prompt, both, prefix_mask=mask)
+    assert batch.attention_mask[0, :7].sum() == 0
+    options = dict(num_beams=1, repetition_penalty=2.0, min_new_tokens=12, max_new_tokens=12)
+    single = generate_reports(model, tok, alone.inputs_embeds, alone.attention_mask, **options)
+    batched = generate_reports(model, tok, batch.inputs_embeds, batch.attention_mask, **options)
+    assert batched[0] == single[0]
+    beams = dict(options, num_beams=3)
+    assert (
+        generate_reports(model, tok, batch.inputs_embeds, batch.attention_mask, **beams)[0]
+        == (generate_reports(model, tok, alone.inputs_embeds, alone.attention_mask, **beams)[0])
+    )
