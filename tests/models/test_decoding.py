@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, RepetitionPenaltyLogitsProcessor
 
 from amrg.models.llm import (
     LLMInputs,
@@ -254,11 +254,11 @@ def test_report_generator_passes_its_settings_and_overrides_to_generate(tok) -> 
         reports = net.generate_from_prefix(visual)
         overridden = net.generate_from_prefix(visual, num_beams=1, max_new_tokens=3, min_new_tokens=None)
     first, second = (c["kwargs"] for c in calls)
-    assert {k: first[k] for k in ("num_beams", "repetition_penalty", "length_penalty")} == {
-        "num_beams": 3,
-        "repetition_penalty": 1.7,
-        "length_penalty": 0.5,
-    }
+    assert {k: first[k] for k in ("num_beams", "length_penalty")} == {"num_beams": 3, "length_penalty": 0.5}
+    # the penalty goes in as amrg's own processor (generate's own is off: it is batch-dependent)
+    assert first["repetition_penalty"] == 1.0
+    (penalty,) = first["logits_processor"]
+    assert isinstance(penalty, RepetitionPenaltyLogitsProcessor) and penalty.penalty == 1.7
     assert (first["min_new_tokens"], first["max_new_tokens"]) == (2, 7)
     # an override replaces one setting; None keeps the network's; greedy sends no length penalty
     assert (second["num_beams"], second["max_new_tokens"], second["min_new_tokens"]) == (1, 3, 2)
