@@ -71,10 +71,18 @@ def test_stage2_writes_report_probabilities_explanation_and_reference(
         assert record["reference"].startswith("The heart is normal")  # as the data module gives it
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no shard left behind
 
-    # the same studies in batches of 3 give the same file (batch composition does not change a report)
+    # the same studies in batches of 3 give the same reports and explanations (batch composition changes
+    # nothing but the last bits of a float: batched matmuls sum in another order)
     again = tmp_path / "again.jsonl"
     _trainer(tmp_path, PredictionWriter(again)).predict(model, _data(annotation, 3), return_predictions=False)
-    assert again.read_text() == out.read_text()
+    for a, b in zip(_lines(again), lines, strict=True):
+        assert (a["id"], a["report"], a["reference"]) == (b["id"], b["report"], b["reference"])
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
+        for x, y in zip(a["explanation"], b["explanation"], strict=True):
+            assert {k: v for k, v in x.items() if k != "weight"} == {
+                k: v for k, v in y.items() if k != "weight"
+            }
+            assert x["weight"] == pytest.approx(y["weight"], abs=1e-6)
 
 
 def test_stage1_writes_ids_and_probabilities(tmp_path: Path, make_dataset) -> None:
