@@ -217,6 +217,27 @@ def _check_output(out: Path, studies: Sequence[StudyFiles], others: dict[str, Pa
             f"cannot write predictions '{out}': it is the {inputs[target]} of this run; refusing to overwrite "
             "it (give another output file)"
         )
+    if out.is_file() and not _is_predictions_file(out):
+        raise OutputError(
+            f"cannot write predictions '{out}': it exists and is not a predictions file amrg wrote (no JSON "
+            "line with 'id' and 'report' first); refusing to overwrite it (give another output file)"
+        )
+
+
+def _is_predictions_file(path: Path) -> bool:
+    """Whether ``path`` is empty or starts with a predictions line (a JSON object with ``id`` and ``report``)."""
+    try:
+        with path.open("rb") as f:
+            first = f.readline(1 << 20)
+    except OSError:
+        return False
+    if not first.strip():
+        return path.stat().st_size == 0
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "id" in record and "report" in record
 
 
 def predict_images(

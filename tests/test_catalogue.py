@@ -349,6 +349,13 @@ def _predict_output_is_an_input(tmp: Path) -> Case:
     return Case(args, ["x.png", "input image", "refusing to overwrite"])
 
 
+def _predict_output_is_another_file(tmp: Path) -> Case:
+    ckpt = _state_dict(tmp / "model.ckpt")
+    (tmp / "annotation.json").write_text('{"train": []}\n')
+    args = _predict(tmp, ckpt, [_png(tmp / "x.png")], tmp / "annotation.json")
+    return Case(args, ["annotation.json", "not a predictions file", "refusing to overwrite"])
+
+
 def _predict_output_is_a_folder(tmp: Path) -> Case:
     ckpt = _state_dict(tmp / "model.ckpt")
     (tmp / "results").mkdir()
@@ -453,6 +460,7 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "predict image missing": _predict_missing_image,
     "predict image corrupt PNG": _predict_corrupt_image,
     "predict output is an input image": _predict_output_is_an_input,
+    "predict output is another kind of file": _predict_output_is_another_file,
     "predict output is a folder": _predict_output_is_a_folder,
     "predict output folder is a file": _predict_output_folder_is_a_file,
     "predict output folder read-only": _predict_output_folder_read_only,

@@ -243,6 +243,14 @@ def test_an_output_that_is_an_input_or_a_folder_is_refused_before_the_run(
     ):
         predict_images(checkpoint, [single], in_the_way / "p.jsonl", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "in", "out"]  # no temp file left
+    other = tmp_path / "annotation.json"
+    other.write_text('{"train": []}\n')
+    with pytest.raises(
+        OutputError, match=r"annotation.json': it exists and is not a predictions file amrg wrote"
+    ):
+        predict_images(checkpoint, [single], other, progress=False)
+    assert other.read_text() == '{"train": []}\n'
+    other.unlink()
 
 
 def test_a_corrupt_image_mid_run_keeps_the_finished_studies_in_a_partial_file(
@@ -250,7 +258,8 @@ def test_a_corrupt_image_mid_run_keeps_the_finished_studies_in_a_partial_file(
 ) -> None:
     _truncated_jpeg(images / "folder" / "z_broken.jpg")  # sorts last: studies a, sub/b, then z_broken
     out = tmp_path / "pred.jsonl"
-    out.write_text("an earlier run's file\n")
+    earlier = '{"id": "old", "report": "an earlier run\'s predictions"}\n'
+    out.write_text(earlier)
     with pytest.raises(PredictInputError) as err:
         predict_images(checkpoint, [images / "folder"], out, batch_size=2, progress=False, max_new_tokens=3)
     message = str(err.value)
@@ -259,7 +268,7 @@ def test_a_corrupt_image_mid_run_keeps_the_finished_studies_in_a_partial_file(
     )
     assert f"the 2 studies finished before it are in '{tmp_path / 'pred.partial.jsonl'}'" in message
     assert "\n" not in message
-    assert out.read_text() == "an earlier run's file\n"  # the final name is never half-written
+    assert out.read_text() == earlier  # the final name is never half-written
     partial = [json.loads(line)["id"] for line in partial_path(out).read_text().splitlines()]
     assert partial == ["a", "sub/b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "pred.jsonl", "pred.partial.jsonl"]
