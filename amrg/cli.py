@@ -136,8 +136,8 @@ def data_check(
     )
     print(report.format())
     if not report.ok:
-        found = [
-            f"{len(items)} {kind}"
+        bad = [
+            (kind, items)
             for kind, items in (
                 ("missing", report.missing),
                 ("unreadable", report.unreadable),
@@ -145,7 +145,8 @@ def data_check(
             )
             if items
         ]
-        first = (report.missing or report.unreadable or report.outside_root)[0]
+        found = [f"{len(items)} {kind}" for kind, items in bad]
+        first = bad[0][1][0]
         raise InputError(
             f"data check: {annotation}: bad images: {', '.join(found)}; e.g. {first} (all listed above)"
         )

@@ -80,6 +80,18 @@ class LLMShape:
     intermediate: int = 11008
     vocab: int = 32000
 
+    def llama_config(self) -> LlamaConfig:
+        """The Llama config of this shape (untied embeddings, no grouped-query attention)."""
+        return LlamaConfig(
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.heads,
+            tie_word_embeddings=False,
+        )
+
 
 PAPER = LLMShape()  # Llama-2-7B
 TINY = LLMShape(hidden=32, layers=2, heads=4, intermediate=64, vocab=400)
@@ -97,15 +109,7 @@ def _count(module: nn.Module) -> dict[str, int]:
 
 def llm_on_meta(shape: LLMShape, lora_r: int, lora_targets: Sequence[str]) -> dict[str, Any]:
     """Build the LLM in bf16 on the meta device, count it, then put LoRA on it and count the adapters."""
-    config = LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.heads,
-        tie_word_embeddings=False,
-    )
+    config = shape.llama_config()
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
         assert all(p.is_meta for p in llm.parameters())  # nothing allocated

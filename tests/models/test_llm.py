@@ -580,19 +580,11 @@ def test_memory_estimate_runs_on_a_tiny_config_and_counts_on_meta(capsys) -> Non
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_memory_estimate_bounds_what_autograd_keeps(checkpointing: bool) -> None:
     """The activation formula against the tensors autograd saves in a bf16 Llama's forward (full fine-tune)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     bench = _memory_benchmark()
     shape = bench.LLMShape(hidden=256, layers=2, heads=4, intermediate=688, vocab=1000)
-    config = LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.heads,
-        tie_word_embeddings=False,
-    )
+    config = shape.llama_config()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     if checkpointing:
