@@ -274,25 +274,28 @@ def test_multinode_composes_with_every_multi_gpu_overlay(capsys) -> None:
             capsys,
         )["trainer"]
         assert printed["num_nodes"] == 4 and printed["strategy"]["class_path"].endswith(
-            {"ddp_gpu": "DDPStrategy", "fsdp": "FSDPStrategy"}[base]
+            {"ddp_gpu": "DDPStrategy", "fsdp": "Stage2FSDPStrategy"}[base]
         )
 
 
-def test_fsdp_overlay_shards_the_llm_decoder_layers() -> None:
-    from lightning.pytorch.strategies import FSDPStrategy
+def test_fsdp_overlay_shards_the_llm_decoder_layers_and_replicates_stage1() -> None:
     from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
+    from amrg.modules.strategies import Stage2FSDPStrategy
+
     strategy = _strategy(CONFIGS / "trainer" / "fsdp.yaml")
-    assert isinstance(strategy, FSDPStrategy)
+    # keeps the frozen stage-1 network out of FSDP (tests/modules/test_strategies.py runs it)
+    assert isinstance(strategy, Stage2FSDPStrategy)
     policy = strategy.kwargs["auto_wrap_policy"]
     assert isinstance(policy, ModuleWrapPolicy)
     assert set(policy._module_classes) == {LlamaDecoderLayer, Qwen2DecoderLayer}
     # frozen and trainable parameters share the network: FSDP must keep the original parameters
     assert strategy.kwargs["use_orig_params"] is True
     assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD
+    assert strategy._state_dict_type == "full"  # one .ckpt that load_stage2 reads without FSDP
     assert (
         yaml.safe_load((CONFIGS / "trainer" / "fsdp.yaml").read_text())["trainer"]["precision"]
         == "bf16-mixed"
