@@ -45,6 +45,7 @@ from amrg.data.images import (
     image_problem,
 )
 from amrg.errors import ConfigError, InputError, OutputError, writing
+from amrg.models.decoding import CacheKind, CompileMode
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -252,6 +253,8 @@ def predict_images(
     num_beams: int | None = None,
     min_new_tokens: int | None = None,
     max_new_tokens: int | None = None,
+    cache: CacheKind | None = None,
+    compile: CompileMode | None = None,
     llm_path: Path | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
@@ -281,6 +284,9 @@ def predict_images(
         num_beams: override of the checkpoint's beam width.
         min_new_tokens: override of the checkpoint's minimum report length in tokens.
         max_new_tokens: override of the checkpoint's maximum report length in tokens.
+        cache: override of the checkpoint's KV cache (``dynamic``/``static``); the same reports.
+        compile: override of the checkpoint's ``torch.compile`` mode of the decode steps (needs ``static``
+            cache; e.g. ``reduce-overhead`` on a GPU); the same reports.
         llm_path: the base LLM's folder on this machine, when it is not where it was at training time.
         trust_remote_code: allow model code shipped in the LLM folder (never taken from the checkpoint).
         progress: show a progress bar.
@@ -353,11 +359,13 @@ def predict_images(
             "num_beams": num_beams,
             "min_new_tokens": min_new_tokens,
             "max_new_tokens": max_new_tokens,
+            "cache": cache,
+            "compile": compile,
         }
         if predictor.stage == 1 and any(v is not None for v in decoding.values()):
             raise ConfigError(
                 f"checkpoint '{checkpoint}' is a stage-1 classifier: it writes no report, so --num_beams, "
-                "--min_new_tokens and --max_new_tokens do not apply"
+                "--min_new_tokens, --max_new_tokens, --cache and --compile do not apply"
             )
         _logger.info("predicting %d studies from %s on %s", len(studies), checkpoint, predictor.device)
 

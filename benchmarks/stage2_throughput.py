@@ -68,6 +68,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from amrg.labels import NUM_LABELS
 from amrg.models.classifier import DiseaseClassifier
+from amrg.models.decoding import CACHE_KINDS, COMPILE_MODES, check_fast_path
 from amrg.models.llm import (
     DEFAULT_INSTRUCTION,
     LLMInputs,
@@ -93,6 +94,7 @@ _WORDS = (
 Autocast = Callable[[], AbstractContextManager[object]]
 """A context factory around the forward: bf16 autocast on the GPU, nullcontext elsewhere."""
 Step = Callable[[], object]
+Record = Callable[[str, int, float, str, "float | None"], None]  # measure, batch, value, unit, peak GB
 
 
 def _reports(n: int, words: int, seed: int = 0) -> list[str]:
@@ -540,6 +542,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--min-new-tokens", type=int, default=None, help="paper: 80 (MIMIC-CXR)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="paper: 120 (MIMIC-CXR)")
+    parser.add_argument(
+        "--cache", choices=CACHE_KINDS, default="dynamic", help="KV cache of generation (both models)"
+    )
+    parser.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="off",
+        help="torch.compile mode of the decode steps (both models; needs --cache static)",
+    )
+    parser.add_argument("--no-train", dest="train", action="store_false", help="time generation only")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
     parser.add_argument("--gen-repeats", type=int, default=1, help="timed generate calls per batch size")
@@ -553,6 +565,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     args.max_new_tokens = args.max_new_tokens or (6 if args.tiny else 120)
     if args.tiny:
         args.report_tokens = min(args.report_tokens, 20)
+    if check_fast_path(args.cache, args.compile):
+        parser.error("; ".join(check_fast_path(args.cache, args.compile)))
+    fast = {"cache": args.cache, "compile": args.compile}
 
     args.device = args.device or ("meta" if args.flops else "cuda")
     device = torch.device(args.device)
@@ -595,6 +610,82 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         )
 
     # ---- training
+    if args.train:
+        _time_training(args, net, images, record, autocast, device)
+
+    # ---- generation
+    net.eval()
+    for batch in args.eval_batches:
+        gx, gmask = images(batch)
+        _reset_peak(device)
+        with autocast():
+            # warm-up: a compiled step is built for the timed call's shapes (the static cache's length
+            # depends on max_new_tokens), so the warm-up runs the timed settings when compiling
+            short = (
+                args.max_new_tokens
+                if args.compile != "off"
+                else min(args.max_new_tokens, args.min_new_tokens + 1)
+            )
+            net.generate(gx, gmask, max_new_tokens=short, **fast)
+            seconds = _timed(
+                lambda gx=gx, gmask=gmask: net.generate(gx, gmask, **fast), args.gen_repeats, 0, device
+            )
+        record("generate", batch, batch / seconds, "reports/s", _peak_gb(device))
+        if args.bare:
+            gen = _bare_inputs(net, gx, gmask, None, autocast)
+
+            def bare_generate(gen: LLMInputs = gen) -> None:
+                generate_reports(
+                    net.llm,
+                    net.tokenizer,
+                    gen.inputs_embeds,
+                    gen.attention_mask,
+                    num_beams=args.num_beams,
+                    min_new_tokens=args.min_new_tokens,
+                    max_new_tokens=args.max_new_tokens,
+                    **fast,
+                )
+
+            with autocast():
+                if args.compile != "off":
+                    bare_generate()  # warm-up: the bare LLM's compiled step is its own
+                seconds = _timed(bare_generate, args.gen_repeats, 0, device)
+            record("generate_bare_llm", batch, batch / seconds, "reports/s", _peak_gb(device))
+
+    # ---- table
+    print(
+        f"\nstage-2 throughput ({'tiny' if args.tiny else 'paper-scale'} model, random weights, {name}; "
+        f"{NUM_LABELS} labels, beam {args.num_beams}, "
+        f"{args.min_new_tokens}-{args.max_new_tokens} new tokens, "
+        f"{args.report_tokens} report tokens; cache {args.cache}, compile {args.compile})"
+    )
+    print(f"| {'measure':<24} | {'batch':>5} | {'value':>10} | {'unit':<9} | {'peak GB':>8} |")
+    print(f"|{'-' * 26}|{'-' * 7}|{'-' * 12}|{'-' * 11}|{'-' * 10}|")
+    labels = {
+        "train": "train samples/s",
+        "train_bare_llm": "train samples/s (LLM)",
+        "generate": "reports/s",
+        "generate_bare_llm": "reports/s (LLM)",
+    }
+    for r in results:
+        peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "-"
+        print(
+            f"| {labels[str(r['measure'])]:<24} | {r['batch']:>5} | {r['value']:>10.2f} "
+            f"| {r['unit']:<9} | {peak:>8} |"
+        )
+    _write_json(args, results)
+    return results
+
+
+def _time_training(
+    args: argparse.Namespace,
+    net: ReportGenerator,
+    images: Callable[[int], tuple[Tensor, Tensor]],
+    record: Record,
+    autocast: Autocast,
+    device: torch.device,
+) -> None:
+    """Train samples/s of the network and, with ``--bare``, of the LLM alone on the same shapes."""
     reports = _reports(args.train_batch, args.report_tokens + 40, seed=1)  # longer than the cut: all get 100
     x, mask = images(args.train_batch)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -626,59 +717,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         record("train_bare_llm", args.train_batch, args.train_batch / seconds, "samples/s", _peak_gb(device))
         del llm_optimizer
     net.zero_grad(set_to_none=True)
-
-    # ---- generation
-    net.eval()
-    for batch in args.eval_batches:
-        gx, gmask = images(batch)
-        _reset_peak(device)
-        with autocast():
-            net.generate(
-                gx, gmask, max_new_tokens=min(args.max_new_tokens, args.min_new_tokens + 1)
-            )  # warm-up
-            seconds = _timed(lambda gx=gx, gmask=gmask: net.generate(gx, gmask), args.gen_repeats, 0, device)
-        record("generate", batch, batch / seconds, "reports/s", _peak_gb(device))
-        if args.bare:
-            gen = _bare_inputs(net, gx, gmask, None, autocast)
-
-            def bare_generate(gen: LLMInputs = gen) -> None:
-                generate_reports(
-                    net.llm,
-                    net.tokenizer,
-                    gen.inputs_embeds,
-                    gen.attention_mask,
-                    num_beams=args.num_beams,
-                    min_new_tokens=args.min_new_tokens,
-                    max_new_tokens=args.max_new_tokens,
-                )
-
-            with autocast():
-                seconds = _timed(bare_generate, args.gen_repeats, 0, device)
-            record("generate_bare_llm", batch, batch / seconds, "reports/s", _peak_gb(device))
-
-    # ---- table
-    print(
-        f"\nstage-2 throughput ({'tiny' if args.tiny else 'paper-scale'} model, random weights, {name}; "
-        f"{NUM_LABELS} labels, beam {args.num_beams}, "
-        f"{args.min_new_tokens}-{args.max_new_tokens} new tokens, "
-        f"{args.report_tokens} report tokens)"
-    )
-    print(f"| {'measure':<24} | {'batch':>5} | {'value':>10} | {'unit':<9} | {'peak GB':>8} |")
-    print(f"|{'-' * 26}|{'-' * 7}|{'-' * 12}|{'-' * 11}|{'-' * 10}|")
-    labels = {
-        "train": "train samples/s",
-        "train_bare_llm": "train samples/s (LLM)",
-        "generate": "reports/s",
-        "generate_bare_llm": "reports/s (LLM)",
-    }
-    for r in results:
-        peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "-"
-        print(
-            f"| {labels[str(r['measure'])]:<24} | {r['batch']:>5} | {r['value']:>10.2f} "
-            f"| {r['unit']:<9} | {peak:>8} |"
-        )
-    _write_json(args, results)
-    return results
 
 
 def _write_json(args: argparse.Namespace, results: list[dict[str, object]]) -> None:

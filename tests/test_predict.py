@@ -69,6 +69,18 @@ def test_predict_writes_one_jsonl_line_per_study(checkpoint: Path, images: Path,
         max_new_tokens=5,
     )
     assert again.read_text() == out.read_text()
+    # the generation fast path (static KV cache) writes the same file
+    static = predict_images(
+        checkpoint,
+        [images / "single.png", images / "folder"],
+        tmp_path / "static.jsonl",
+        batch_size=2,
+        top_k_explanations=2,
+        progress=False,
+        max_new_tokens=5,
+        cache="static",
+    )
+    assert static.read_text() == out.read_text()
 
 
 def test_group_views_makes_each_subfolder_one_study(images: Path) -> None:

@@ -42,6 +42,7 @@ from amrg.checkpoints.stage1 import (
     stage1_net_config,
 )
 from amrg.labels import LABELS
+from amrg.models.decoding import CacheKind, CompileMode, check_fast_path
 from amrg.models.llm import (
     DEFAULT_INSTRUCTION,
     TOKENIZER_FILES,
@@ -148,6 +149,11 @@ class DecodingConfig:
     """eos is blocked before this many tokens."""
     max_new_tokens: int = 120
     """Longest report in tokens."""
+    cache: CacheKind = "dynamic"
+    """KV cache of generation: ``"dynamic"`` or ``"static"`` (preallocated; the same reports)."""
+    compile: CompileMode = "off"
+    """``torch.compile`` mode of the decode steps, with ``cache: static``: ``"default"``,
+    ``"max-autotune-no-cudagraphs"`` or ``"reduce-overhead"`` (CUDA graphs); the same reports."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -158,6 +164,7 @@ class DecodingConfig:
                 "decoding needs 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got "
                 f"{self.min_new_tokens} and {self.max_new_tokens}"
             )
+        problems += [f"decoding.{problem}" for problem in check_fast_path(self.cache, self.compile)]
         if problems:
             raise ValueError("; ".join(problems))
 

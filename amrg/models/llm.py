@@ -50,6 +50,8 @@ from transformers import (
     RepetitionPenaltyLogitsProcessor,
 )
 
+from amrg.models.decoding import CacheKind, CompileMode, check_fast_path, compiled_decode
+
 __all__ = [
     "DEFAULT_INSTRUCTION",
     "FINDINGS_PLACEHOLDER",
@@ -772,6 +774,8 @@ def generate_reports(
     length_penalty: float = 2.0,
     min_new_tokens: int = 40,
     max_new_tokens: int = 100,
+    cache: CacheKind = "dynamic",
+    compile: CompileMode = "off",
 ) -> list[str]:
     """Write one report per prompt with deterministic (beam or greedy) search.
 
@@ -790,10 +794,17 @@ def generate_reports(
         length_penalty: exponent on the length in beam scores; unused when ``num_beams == 1``.
         min_new_tokens: eos is blocked before this many tokens.
         max_new_tokens: upper bound on generated tokens.
+        cache: ``"dynamic"`` (a KV cache that grows) or ``"static"`` (preallocated for the prompt and
+            ``max_new_tokens``: fixed shapes); the reports are the same.
+        compile: ``"off"``, or a ``torch.compile`` mode for the decode steps (needs ``cache="static"``;
+            see :mod:`amrg.models.decoding`); the reports are the same.
 
     Returns:
         ``B`` decoded reports, special tokens removed, whitespace stripped.
     """
+    problems = check_fast_path(cache, compile)
+    if problems:
+        raise ValueError("; ".join(problems))
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     if not 0 <= min_new_tokens <= max_new_tokens or max_new_tokens < 1:
@@ -818,13 +829,18 @@ def generate_reports(
         "eos_token_id": special.eos,
         "pad_token_id": special.pad,
         "use_cache": True,  # required by transformers to continue from inputs_embeds
+        # transformers compiles a static cache's greedy loop on accelerators by itself; compile is ours
+        "disable_compile": True,
     }
+    if cache == "static":
+        options["cache_implementation"] = "static"
     if num_beams > 1:
         options["length_penalty"] = length_penalty
     was_training = model.training
     model.eval()
     try:
-        sequences = model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **options)
+        with compiled_decode(model, compile):
+            sequences = model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **options)
     finally:
         model.train(was_training)
     # Decoder-only generate() with inputs_embeds returns only the new tokens, [B, new].

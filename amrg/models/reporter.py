@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from amrg.labels import LABELS
 from amrg.models.classifier import DiseaseClassifier
+from amrg.models.decoding import CacheKind, CompileMode, check_fast_path
 from amrg.models.llm import (
     DEFAULT_INSTRUCTION,
     ReportPrompt,
@@ -158,6 +159,9 @@ class ReportGenerator(nn.Module):
         length_penalty: beam length penalty (paper: 2.0).
         min_new_tokens: eos blocked before this many tokens (paper: 40 IU X-ray, 80 otherwise).
         max_new_tokens: generation stops here (paper: 100 IU X-ray, 120 otherwise).
+        cache: the KV cache of generation, ``"dynamic"`` or ``"static"`` (speed only: same reports).
+        compile: ``"off"`` or a ``torch.compile`` mode for the decode steps, with ``cache="static"``
+            (speed only; :mod:`amrg.models.decoding`).
         visual_provenance: one record per visual memory row (``source_id``, ``label``, ...), for
             explanations; may be set later with :meth:`set_provenance`.
         report_provenance: one record per report memory row (``source_id``, ``label``, ``text``).
@@ -195,6 +199,8 @@ class ReportGenerator(nn.Module):
         length_penalty: float = 2.0,
         min_new_tokens: int = 80,
         max_new_tokens: int = 120,
+        cache: CacheKind = "dynamic",
+        compile: CompileMode = "off",
         visual_provenance: Sequence[dict[str, Any]] = (),
         report_provenance: Sequence[dict[str, Any]] = (),
         queries: Literal["disease", "pooled"] = "disease",
@@ -236,6 +242,7 @@ class ReportGenerator(nn.Module):
                 f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, got "
                 f"{min_new_tokens} and {max_new_tokens}"
             )
+        problems += check_fast_path(cache, compile)
         if problems:
             raise ValueError("ReportGenerator: " + "; ".join(problems))
 
@@ -258,6 +265,8 @@ class ReportGenerator(nn.Module):
         self.length_penalty = length_penalty
         self.min_new_tokens = min_new_tokens
         self.max_new_tokens = max_new_tokens
+        self.cache = cache
+        self.compile = compile
 
         hidden = int(llm.get_input_embeddings().weight.shape[1])
         self.llm_hidden_size = hidden
@@ -282,7 +291,8 @@ class ReportGenerator(nn.Module):
         self._apply_freezing()
 
     # ------------------------------------------------------------------ set-up
-    def _frozen_parts(self) -> list[nn.Module]:
+    def frozen_parts(self) -> list[nn.Module]:
+        """The stage-1 parts stage 2 does not train: the head always, the encoder and Q-Former when frozen."""
         parts: list[nn.Module] = [self.classifier.head]
         if self.freeze_encoder:
             parts.append(self.classifier.encoder)
@@ -291,7 +301,7 @@ class ReportGenerator(nn.Module):
         return parts
 
     def _apply_freezing(self) -> None:
-        for part in self._frozen_parts():
+        for part in self.frozen_parts():
             part.requires_grad_(False)
             part.eval()
         # A trainable part that stage 1 froze (VisionEncoder(freeze=True)) is unfrozen here.
@@ -304,7 +314,7 @@ class ReportGenerator(nn.Module):
     def train(self, mode: bool = True) -> ReportGenerator:
         """Switch train/eval mode; frozen stage-1 parts and a wholly frozen LLM stay in eval mode."""
         super().train(mode)
-        for part in self._frozen_parts():
+        for part in self.frozen_parts():
             part.eval()
         if not any(p.requires_grad for p in self.llm.parameters()):
             self.llm.eval()
@@ -520,6 +530,8 @@ class ReportGenerator(nn.Module):
             "length_penalty": self.length_penalty,
             "min_new_tokens": self.min_new_tokens,
             "max_new_tokens": self.max_new_tokens,
+            "cache": self.cache,
+            "compile": self.compile,
         }
         unknown = sorted(set(overrides) - set(options))
         if unknown:
@@ -534,7 +546,7 @@ class ReportGenerator(nn.Module):
         Args:
             visual: the output of :meth:`encode`.
             **decoding: overrides of num_beams, repetition_penalty, length_penalty, min_new_tokens,
-                max_new_tokens (None keeps the constructor's value).
+                max_new_tokens, cache, compile (None keeps the constructor's value).
 
         Returns:
             B reports.

@@ -39,10 +39,7 @@ def replicated_parts(model: nn.Module) -> dict[str, nn.Module]:
             that the ReportGenerator freezes has a trainable parameter (set after the network was built).
     """
     frozen = {
-        id(part)
-        for net in model.modules()
-        if isinstance(net, ReportGenerator)
-        for part in net._frozen_parts()
+        id(part) for net in model.modules() if isinstance(net, ReportGenerator) for part in net.frozen_parts()
     }
     if not frozen:
         raise ConfigError(

@@ -280,3 +280,75 @@ def test_report_generator_passes_its_settings_and_overrides_to_generate(tok) -> 
         max_new_tokens=7,
     )
     assert reports == direct and len(overridden) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The fast path: a static KV cache and a compiled decode step write the same tokens
+
+FAST_SETTINGS = {"repetition_penalty": 2.0, "length_penalty": 2.0, "min_new_tokens": 3, "max_new_tokens": 10}
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_a_static_cache_writes_the_same_tokens(model, tok, num_beams: int) -> None:
+    gen = inputs(model, tok)
+    with recorded(model) as calls:
+        generate_reports(
+            model, tok, gen.inputs_embeds, gen.attention_mask, num_beams=num_beams, **FAST_SETTINGS
+        )
+        generate_reports(
+            model,
+            tok,
+            gen.inputs_embeds,
+            gen.attention_mask,
+            num_beams=num_beams,
+            cache="static",
+            **FAST_SETTINGS,
+        )
+    slow, fast = calls
+    assert "cache_implementation" not in slow["kwargs"] and fast["kwargs"]["cache_implementation"] == "static"
+    assert torch.equal(slow["tokens"], fast["tokens"])
+
+
+@contextmanager
+def counted_decode_steps(model: nn.Module, mode: str) -> Iterator[list[int]]:
+    """Count the calls of ``model``'s compiled decode step (compiled on first use)."""
+    from amrg.models.decoding import _COMPILED, _compiled_forward
+
+    step = _compiled_forward(model, mode)
+    seen: list[int] = []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["input_ids"].shape[0])
+        return step(*args, **kwargs)
+
+    model.__dict__[_COMPILED][mode] = counting
+    try:
+        yield seen
+    finally:
+        model.__dict__[_COMPILED][mode] = step
+
+
+@pytest.mark.slow  # torch.compile (inductor) builds a graph per batch shape: ~15 s each on 2 CPU cores
+@pytest.mark.parametrize(("mode", "beams"), [("default", (1, 3)), ("reduce-overhead", (1,))])
+def test_a_compiled_decode_step_writes_the_same_tokens(model, tok, mode: str, beams: tuple[int, ...]) -> None:
+    gen = inputs(model, tok)
+    for num_beams in beams:
+        settings = {"num_beams": num_beams, **FAST_SETTINGS}
+        slow = new_tokens(model, tok, gen, **settings)
+        with counted_decode_steps(model, mode) as steps:
+            fast = new_tokens(model, tok, gen, cache="static", compile=mode, **settings)
+        assert torch.equal(slow, fast), (mode, num_beams)
+        # every step after the prefill went through the compiled function, one row per beam
+        assert steps and set(steps) == {gen.inputs_embeds.shape[0] * num_beams}
+        assert len(steps) == fast.shape[1] - 1
+    assert "forward" not in model.__dict__  # the eager forward is back after the call
+
+
+def test_the_fast_path_settings_are_checked(model, tok) -> None:
+    gen = inputs(model, tok)
+    with pytest.raises(ValueError, match="compile='default' needs cache='static'"):
+        generate_reports(model, tok, gen.inputs_embeds, gen.attention_mask, compile="default")
+    with pytest.raises(ValueError, match="cache must be one of"):
+        generate_reports(model, tok, gen.inputs_embeds, gen.attention_mask, cache="paged")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ReportGenerator: .*needs cache='static'"):
+        make_generator(tok, compile="max-autotune-no-cudagraphs")

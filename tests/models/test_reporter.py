@@ -394,6 +394,16 @@ def test_throughput_benchmark_tiny_path_runs(tmp_path: Path, capsys: pytest.Capt
     assert out.is_file()
 
 
+def test_throughput_benchmark_times_the_fast_path(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _load_benchmark()
+    args = ["--tiny", "--device", "cpu", "--no-train", "--eval-batches", "2", "--cache", "static"]
+    results = bench.main([*args, "--compile", "default"])
+    assert [r["measure"] for r in results] == ["generate", "generate_bare_llm"]
+    assert "cache static, compile default" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a compiled step needs the static cache
+        bench.main(["--tiny", "--device", "cpu", "--compile", "default"])
+
+
 def test_throughput_benchmark_flops_on_meta_equal_real_tensors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
