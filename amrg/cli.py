@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from amrg.errors import AmrgError, ConfigError, InputError
 
@@ -458,6 +458,10 @@ def _cli_class():
                     cause = cause.__cause__
                 if isinstance(cause, (OSError, ValueError)):
                     raise cause from None
+                if type(cause).__name__ == "MisconfigurationException":  # Lightning's, e.g. from a strategy
+                    from amrg.errors import ConfigError
+
+                    raise ConfigError(str(cause)) from None
                 raise
 
         def instantiate_trainer(self, **kwargs):
@@ -478,6 +482,7 @@ def _cli_class():
                 return
             subcommand = self.config.subcommand
             config = self.config[subcommand]
+            _check_optional_strategy(config)  # here, before the seed line and any instantiation
             ckpt_path = config.get("ckpt_path")
             if subcommand == "predict" and not ckpt_path:
                 # without one Lightning predicts with the recipe's freshly built (untrained) weights
@@ -487,11 +492,20 @@ def _cli_class():
                 )
             if not ckpt_path or _lightning_ckpt_alias(str(ckpt_path)):
                 return
-            from amrg.checkpoints.safety import check_written_by
+            from amrg.checkpoints.safety import (
+                check_checkpoint_file,
+                check_written_by,
+                is_deepspeed_checkpoint,
+            )
             from amrg.checkpoints.stage1 import check_lightning_checkpoint, read_checkpoint
             from amrg.errors import CheckpointError
 
             source = f"--ckpt_path '{ckpt_path}'"
+            if is_deepspeed_checkpoint(ckpt_path):
+                strategy = (config.get("trainer") or {}).get("strategy")
+                if "DeepSpeed" in str(getattr(strategy, "class_path", None) or strategy):
+                    return  # DeepSpeed resumes or tests from its own folder
+                check_checkpoint_file(ckpt_path, "--ckpt_path")  # says how to convert it to one .ckpt
             if not Path(ckpt_path).is_file():
                 # caught here, before the trainer is built, rather than by Lightning after it
                 what = "is a folder" if Path(ckpt_path).is_dir() else "not found"
@@ -508,6 +522,24 @@ def _cli_class():
             check_lightning_checkpoint(ckpt, source, resume=subcommand == "fit")
 
     return AmrgCLI
+
+
+def _check_optional_strategy(config: Any) -> None:
+    """A DeepSpeed overlay without deepspeed installed: one line, before jsonargparse buries Lightning's error."""
+    trainer = config.get("trainer") if hasattr(config, "get") else None
+    strategy = trainer.get("strategy") if hasattr(trainer, "get") else None
+    class_path = str(getattr(strategy, "class_path", None) or strategy or "")
+    if "DeepSpeed" in class_path:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            from amrg.errors import ConfigError
+
+            raise ConfigError(
+                f"trainer.strategy is {class_path.rsplit('.', 1)[-1]} (configs/trainer/deepspeed_zero*.yaml) but "
+                "deepspeed is not installed: pip install deepspeed (an optional extra; it builds CUDA ops on a "
+                "GPU machine)"
+            )
 
 
 def _lightning_ckpt_alias(ckpt_path: str) -> bool:

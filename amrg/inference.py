@@ -196,7 +196,7 @@ def load(
 
     path = Path(path)
     target, cast = _device(device), _dtype(dtype)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"checkpoint '{path}' not found: expected a .ckpt that `amrg fit` wrote for stage 1 or stage 2"
         )

@@ -316,7 +316,7 @@ def predict_images(
     from amrg.checkpoints.safety import check_checkpoint_file
 
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
+    if not checkpoint.exists():
         raise FileNotFoundError(
             f"checkpoint '{checkpoint}' not found: expected a .ckpt that `amrg fit` wrote for stage 2 (or "
             "stage 1)"

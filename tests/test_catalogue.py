@@ -17,6 +17,7 @@ four heavy ones 7-9 s; about 110 s of CPU in all, ~55 s on an idle 2-core box. T
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -414,6 +415,32 @@ def _resume_state_dict(tmp: Path) -> Case:
     return Case(_fit(tmp, ckpt), ["--ckpt_path", "last.ckpt", "plain state dict"], slow=True)
 
 
+def _deepspeed_folder(path: Path) -> Path:
+    """The layout DeepSpeed writes for one checkpoint (configs/trainer/deepspeed_zero*.yaml)."""
+    (path / "checkpoint").mkdir(parents=True)
+    (path / "latest").write_text("checkpoint\n")
+    return path
+
+
+def _predict_deepspeed_checkpoint(tmp: Path) -> Case:
+    ckpt = _deepspeed_folder(tmp / "last.ckpt")
+    args = _predict(tmp, ckpt, [_png(tmp / "x.png")], tmp / "p.jsonl")
+    return Case(
+        args, ["last.ckpt", "DeepSpeed checkpoint folder", "convert_zero_checkpoint_to_fp32_state_dict"]
+    )
+
+
+def _resume_deepspeed_folder_without_deepspeed(tmp: Path) -> Case:
+    ckpt = _deepspeed_folder(tmp / "last.ckpt")
+    return Case(_fit(tmp, ckpt), ["--ckpt_path", "DeepSpeed checkpoint folder", "last-fp32.ckpt"])
+
+
+def _deepspeed_overlay_without_deepspeed(tmp: Path) -> Case:
+    args = [*_fit(tmp, _deepspeed_folder(tmp / "last.ckpt"))]
+    args += ["-c", str(DEMO.parent / "trainer" / "deepspeed_zero2.yaml"), "--trainer.accelerator=cpu"]
+    return Case(args, ["DeepSpeedStrategy", "deepspeed is not installed", "pip install deepspeed"])
+
+
 def _predict_figures_is_a_file(tmp: Path) -> Case:
     ckpt = _state_dict(tmp / "model.ckpt")
     (tmp / "figures").write_text("a file where the figures folder should be")
@@ -467,6 +494,9 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "predict image over the pixel cap": _predict_image_over_the_pixel_cap,
     "predict --batch_size 0": _predict_bad_option,
     "predict --figures is a file": _predict_figures_is_a_file,
+    "predict checkpoint is a DeepSpeed folder": _predict_deepspeed_checkpoint,
+    "fit --ckpt_path a DeepSpeed folder, no DeepSpeed strategy": _resume_deepspeed_folder_without_deepspeed,
+    "DeepSpeed overlay without deepspeed installed": _deepspeed_overlay_without_deepspeed,
     "memory build on a non-checkpoint": _memory_build_not_a_checkpoint,
     "fit resume from random bytes": _resume_random_bytes,
     "fit resume from a plain state dict": _resume_state_dict,
@@ -475,7 +505,11 @@ CASES: dict[str, Callable[[Path], Case]] = {
 # Cases that still print a traceback or a wrong line, each in a file this catalogue's owner does not own.
 XFAIL: dict[str, str] = {}
 
-SKIP: dict[str, str] = {}
+SKIP: dict[str, str] = (
+    {"DeepSpeed overlay without deepspeed installed": "deepspeed is installed here"}
+    if importlib.util.find_spec("deepspeed") is not None
+    else {}
+)
 
 
 def _params() -> list:

@@ -49,6 +49,12 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE2_MAGIC = b"\x80\x02"
 
 
+def is_deepspeed_checkpoint(path: Path | str) -> bool:
+    """Whether ``path`` is the folder DeepSpeed writes for one checkpoint (a ``latest`` file, ``checkpoint/``)."""
+    path = Path(path)
+    return path.is_dir() and ((path / "latest").is_file() or (path / "checkpoint").is_dir())
+
+
 def check_checkpoint_file(path: Path | str, what: str) -> None:
     """Check, from its first bytes only, that ``path`` is a file ``torch.save`` wrote (no unpickling).
 
@@ -57,9 +63,19 @@ def check_checkpoint_file(path: Path | str, what: str) -> None:
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: an empty file, or one that starts with neither a zip nor a pickle header.
+        CheckpointError: a folder (a DeepSpeed checkpoint is named as one), an empty file, or one that starts
+            with neither a zip nor a pickle header.
     """
     path = Path(path)
+    if path.is_dir():
+        if is_deepspeed_checkpoint(path):
+            raise CheckpointError(
+                f"{what} '{path}' is a DeepSpeed checkpoint folder (configs/trainer/deepspeed_zero*.yaml); "
+                'convert it to one .ckpt first (needs deepspeed): python -c "from lightning.pytorch.utilities.'
+                "deepspeed import convert_zero_checkpoint_to_fp32_state_dict as c; "
+                f"c('{path}', '{path.with_name(path.stem + '-fp32.ckpt')}')\""
+            )
+        raise CheckpointError(f"{what} '{path}' is a folder; {CHECKPOINT_EXPECTED}")
     if not path.is_file():
         raise FileNotFoundError(f"{what} '{path}' not found")
     with reading(path, what):
