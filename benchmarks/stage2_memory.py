@@ -32,7 +32,8 @@ layer is recomputed at a time: ``L * 2H + a_layer + 8H + 10V``. This follows Kor
 "Reducing Activation Recomputation in Large Transformer Models" (https://arxiv.org/abs/2205.05198),
 Section 4.1, adapted to RMSNorm, SwiGLU, no dropout and flash attention. It is an upper estimate: torch
 frees some of these early (a frozen weight's linear need not keep its input), and the allocator's
-fragmentation and the CUDA context (~0.5-1 GB) come on top.
+fragmentation and the CUDA context (~0.5-1 GB) come on top. The 10V of logits and loss is counted at every
+position, though ``amrg.models.llm.report_loss`` computes them at the ~101 report positions only (of 218).
 
 Sequence length, as the paper's MIMIC-CXR stage 2 (and ``stage2_throughput.py``) builds it: the visual
 prefix (49 Swin-B patch tokens at 224 px + 3 x 14 disease, visual-recall and report-recall tokens = 91),

@@ -21,13 +21,14 @@ Measured:
     dense batched matmuls: the causal half is not subtracted); norms, softmax and elementwise ops are
     not counted. The same count on real tensors (``--device cpu``) is equal, which the tests check.
 
-FLOPs at paper scale (``--flops``: meta device, 26 s and 0.95 GiB peak RSS on a 2-core AMD EPYC VM);
+FLOPs at paper scale (``--flops``: meta device, 12 s and 0.96 GiB peak RSS on a 2-core AMD EPYC VM);
 TF = 10^12 FLOP; "+" is each group's part of the overhead network / bare LLM - 1 (for the LLM, its
-extra backward into the trainable prefix)::
+extra backward into the trainable prefix); both training steps use :func:`report_loss` (the output layer
+at the report positions only)::
 
     step (LLM input)          network   bare LLM  overhead  vision  Q-Former  retrievers  prefix  LLM
-    train, B=8 (8 x 218)      47.93 TF  46.60 TF  +2.85%    +0.53%  +0.06%    +1.85%      +0.03%  +0.38%
-    prefill, B=16 (48 x 117)  74.08 TF  73.19 TF  +1.21%    +0.67%  +0.07%    +0.45%      +0.01%  +0.00%
+    train, B=8 (8 x 218)      47.18 TF  46.11 TF  +2.34%    +0.54%  +0.06%    +1.33%      +0.03%  +0.39%
+    prefill, B=16 (48 x 117)  74.07 TF  73.19 TF  +1.21%    +0.67%  +0.07%    +0.45%      +0.01%  +0.00%
 
 The retrievers' cost is mostly the key/value projection of the 13,000 stored patterns (once per call,
 so it shrinks per sample as the batch grows). Each of the 80-120 decoding steps after the prefill is
@@ -51,6 +52,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,7 @@ from amrg.models.llm import (
     build_generation_inputs,
     build_inputs,
     generate_reports,
+    report_loss,
 )
 from amrg.models.qformer import DiseaseQFormer
 from amrg.models.reporter import ReportGenerator
@@ -243,13 +246,10 @@ def _bare_inputs(
 
 
 def _bare_train_step(llm: torch.nn.Module, inputs: LLMInputs, autocast: Autocast) -> None:
-    """The same step for the LLM alone, fed inputs of the network's shapes (no graph into them)."""
+    """The same step for the LLM alone, fed inputs of the network's shapes (no graph into them), with the
+    network's loss (:func:`report_loss`: the output layer at the report positions only)."""
     with autocast():
-        loss = llm(
-            inputs_embeds=inputs.inputs_embeds.detach(),
-            attention_mask=inputs.attention_mask,
-            labels=inputs.labels,
-        ).loss
+        loss = report_loss(llm, replace(inputs, inputs_embeds=inputs.inputs_embeds.detach()))
     loss.backward()
 
 

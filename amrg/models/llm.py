@@ -50,7 +50,7 @@ from transformers import (
     RepetitionPenaltyLogitsProcessor,
 )
 
-from amrg.models.decoding import CacheKind, CompileMode, check_fast_path, compiled_decode
+from amrg.models.decoding import CacheKind, CompileMode, causal_lm, check_fast_path, compiled_decode
 
 __all__ = [
     "DEFAULT_INSTRUCTION",
@@ -66,6 +66,7 @@ __all__ = [
     "apply_lora",
     "build_generation_inputs",
     "build_inputs",
+    "report_loss",
     "build_tiny_llm",
     "enable_gradient_checkpointing",
     "freeze",
@@ -590,6 +591,9 @@ class LLMInputs:
     inputs_embeds: Tensor
     attention_mask: Tensor
     labels: Tensor | None = None
+    loss_positions: Tensor | None = None
+    """[N] long: the flat indices into [B, T - 1] of the positions whose next token is a label (known on
+    the host when the inputs are built, so :func:`report_loss` needs no data-dependent indexing)."""
 
     def as_model_kwargs(self) -> dict[str, Tensor]:
         """Keyword arguments for ``model(...)`` or ``model.generate(...)``."""
@@ -682,10 +686,20 @@ def _assemble(
             embeds.append(torch.cat([fill, seq], dim=0))
             attention.append(zeros + ones)
             targets.append([IGNORE_INDEX] * n_pad + label)
+    positions = None
+    if report_ids is not None:  # position t predicts token t + 1
+        flat = [
+            b * (total - 1) + t
+            for b, row in enumerate(targets)
+            for t in range(total - 1)
+            if row[t + 1] != IGNORE_INDEX
+        ]
+        positions = torch.tensor(flat, dtype=torch.long, device=device)  # [N]
     return LLMInputs(
         inputs_embeds=torch.stack(embeds),  # [B, T, H]
         attention_mask=torch.tensor(attention, dtype=torch.long, device=device),  # [B, T]
         labels=torch.tensor(targets, dtype=torch.long, device=device) if report_ids is not None else None,
+        loss_positions=positions,
     )
 
 
@@ -757,6 +771,45 @@ def build_generation_inputs(
     return _assemble(
         embed_tokens, prompt, prefix_embeds, prefix_mask, None, "left", _findings_ids(prompt, findings)
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Training loss
+
+
+def report_loss(model: nn.Module, inputs: LLMInputs) -> Tensor:
+    """Mean next-token cross-entropy over the labelled (report) positions: ``model(**inputs).loss``.
+
+    The output layer runs only at the positions that predict a label, not over the prefix and prompt as the
+    model's own forward does (its loss then discards them). The value is the same as transformers'
+    (logits upcast to float32, the mean over the labelled tokens); the work saved is the vocabulary
+    projection of every unlabelled position: at the demo's tiny LLM (64 wide, a 2,000-token vocabulary)
+    that projection is ~3/4 of the FLOPs per token and ~60 % of the positions are prefix and prompt; at 7B
+    it is ~2 % of the FLOPs but its [B, T, V] float32 logits are ~0.2 GB at batch 8.
+
+    Args:
+        model: the causal LM (plain or peft-wrapped); one without ``get_decoder`` / ``get_output_embeddings``
+            is called whole.
+        inputs: :func:`build_inputs`' output, with labels.
+    """
+    if inputs.labels is None:
+        raise ValueError("report_loss needs inputs with labels (build_inputs)")
+    lm = causal_lm(model)
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if decoder is None or head is None or decoder is lm:
+        return model(**inputs.as_model_kwargs()).loss
+    hidden = decoder(
+        inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, use_cache=False
+    ).last_hidden_state  # [B, T, H]
+    targets = inputs.labels[:, 1:].to(hidden.device)  # position t predicts token t + 1: [B, T - 1]
+    positions = inputs.loss_positions
+    if positions is None:
+        positions = (targets != IGNORE_INDEX).flatten().nonzero().squeeze(1)  # [N]
+    positions = positions.to(hidden.device)
+    picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, H]
+    logits = head(picked).float()  # [N, V]
+    return nn.functional.cross_entropy(logits, targets.reshape(-1).index_select(0, positions))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from amrg.models.llm import (
     build_generation_inputs,
     build_inputs,
     generate_reports,
+    report_loss,
 )
 
 __all__ = ["GeneratorPrediction", "RecalledItem", "ReportGenerator", "VisualPrefix"]
@@ -504,7 +505,7 @@ class ReportGenerator(nn.Module):
             prefix_mask=visual.prefix_mask,
             findings=self.findings(visual, labels if self.training_findings == "labels" else None),
         )
-        return self.llm(**inputs.as_model_kwargs()).loss
+        return report_loss(self.llm, inputs)
 
     def forward(
         self, images: Tensor, view_mask: Tensor | None, reports: Sequence[str], labels: Tensor | None = None

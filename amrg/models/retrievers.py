@@ -129,18 +129,17 @@ class _Retriever(nn.Module):
         )
 
     def _check_inputs(self, queries: Tensor, extra_patterns: Tensor | None) -> Tensor | None:
-        """Validate shapes; return the extra patterns as [B, P, D_m] (or None)."""
+        """Validate shapes; return the extra patterns as [B, P, D_m], or [P, D_m] when shared by the batch
+        (or None)."""
         name = type(self).__name__
         if queries.ndim != 3 or queries.shape[-1] != self.dim:
             raise ValueError(f"{name}: expected queries [B, Q, {self.dim}] (dim), got {list(queries.shape)}")
         if extra_patterns is None:
             return None
         batch = queries.shape[0]
-        if extra_patterns.ndim == 2:
-            extra_patterns = extra_patterns.unsqueeze(0).expand(batch, -1, -1)  # [B, P, D_m]
         if (
-            extra_patterns.ndim != 3
-            or extra_patterns.shape[0] != batch
+            extra_patterns.ndim not in (2, 3)
+            or (extra_patterns.ndim == 3 and extra_patterns.shape[0] != batch)
             or extra_patterns.shape[-1] != self.memory_dim
         ):
             raise ValueError(
@@ -171,7 +170,7 @@ class _Retriever(nn.Module):
             ValueError: wrong shapes, or no patterns at all (empty memory and no extra patterns).
         """
         extra = self._check_inputs(queries, extra_patterns)
-        num_patterns = self.num_memories + (0 if extra is None else extra.shape[1])
+        num_patterns = self.num_memories + (0 if extra is None else extra.shape[-2])
         if num_patterns == 0 and self._needs_patterns:
             raise ValueError(
                 f"{type(self).__name__}: nothing to recall from: the memory is empty ([0, {self.memory_dim}]) "
@@ -261,6 +260,42 @@ class _MultiHeadRetriever(_Retriever):
         values = values.unflatten(-1, heads).transpose(-3, -2)  # [..., heads, M, hidden]
         return keys, values
 
+    def _normalized_memory(self, dtype: torch.dtype) -> Tensor:
+        """The stored patterns standardised as the LayerNorms do before their affine part, [M, D_m].
+
+        The patterns are a frozen buffer, so this is computed once per memory (recomputed when the buffer
+        is replaced or changed in place, moved or cast) and kept out of the state dict.
+        """
+        memory = self.memory
+        key = (memory.data_ptr(), memory._version, tuple(memory.shape), memory.device, dtype)
+        cached = self.__dict__.get("_normalized")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                patterns = memory.to(dtype)
+                if self.normalize:
+                    eps = self.norm_stored.eps  # type: ignore[union-attr]
+                    patterns = F.layer_norm(patterns.float(), (self.memory_dim,), eps=eps).to(dtype)
+            cached = (key, patterns)
+            self.__dict__["_normalized"] = cached
+        return cached[1]
+
+    def _memory_keys_values(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """:meth:`_keys_values` of the stored memory, [heads, M, hidden] each, with each LayerNorm's affine
+        part folded into the projection after it: LN(Y) W^T + b = Y_hat (W diag(gamma))^T + (W beta + b),
+        Y_hat the standardised patterns (:meth:`_normalized_memory`). The same values, without normalising
+        the M stored patterns (and back-propagating through that) at every call."""
+        patterns = self._normalized_memory(dtype)  # [M, D_m]
+        projected = []
+        for norm, proj in ((self.norm_stored, self.k_proj), (self.norm_projection, self.v_proj)):
+            weight, bias = proj.weight, proj.bias  # [inner, D_m], [inner]
+            if isinstance(norm, nn.LayerNorm) and norm.elementwise_affine:
+                bias = bias + weight @ norm.bias if norm.bias is not None else bias
+                weight = weight * norm.weight  # [inner, D_m]
+            projected.append(F.linear(patterns, weight.to(dtype), bias.to(dtype)))  # [M, inner]
+        heads = (self.num_heads, self.hidden_size)
+        keys, values = (x.unflatten(-1, heads).transpose(-3, -2) for x in projected)  # [heads, M, hidden]
+        return keys, values
+
     def _retrieve(
         self, queries: Tensor, extra: Tensor | None, return_attention: bool
     ) -> tuple[Tensor, Tensor | None]:
@@ -270,8 +305,13 @@ class _MultiHeadRetriever(_Retriever):
         q = q.view(batch, num_queries, self.num_heads, self.hidden_size)  # [B, Q, heads, hidden]
         q = q.transpose(1, 2)  # [B, heads, Q, hidden]
 
-        # The stored memory is shared by the batch: project it once and broadcast (no per-sample copy).
-        k, v = self._keys_values(self.memory.to(dtype))  # [heads, M, hidden] each
+        # The stored memory is shared by the batch: project it once and broadcast (no per-sample copy);
+        # extra patterns shared by the batch ([P, D_m]) join it before the broadcast.
+        k, v = self._memory_keys_values(dtype)  # [heads, M, hidden] each
+        if extra is not None and extra.ndim == 2:
+            k_extra, v_extra = self._keys_values(extra.to(dtype))  # [heads, P, hidden] each
+            k, v = torch.cat([k_extra, k], dim=1), torch.cat([v_extra, v], dim=1)  # [heads, P+M, hidden]
+            extra = None
         k = k.unsqueeze(0).expand(batch, -1, -1, -1)  # [B, heads, M, hidden]
         v = v.unsqueeze(0).expand(batch, -1, -1, -1)  # [B, heads, M, hidden]
         if extra is not None:
@@ -408,7 +448,7 @@ class NoRetriever(_Retriever):
         self, queries: Tensor, extra: Tensor | None, return_attention: bool
     ) -> tuple[Tensor, Tensor | None]:
         batch, num_queries, _ = queries.shape
-        num_patterns = self.num_memories + (0 if extra is None else extra.shape[1])
+        num_patterns = self.num_memories + (0 if extra is None else extra.shape[-2])
         # No heads attend: an empty [B, 0, Q, P+M] keeps the attention a Tensor for callers.
         attention = queries.new_zeros(batch, 0, num_queries, num_patterns) if return_attention else None
         return torch.zeros_like(queries), attention  # [B, Q, D]

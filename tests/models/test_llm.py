@@ -30,6 +30,7 @@ from amrg.models.llm import (
     freeze,
     generate_reports,
     load_causal_lm,
+    report_loss,
 )
 from amrg.models.tokenizer import train_report_tokenizer
 from tests.models.test_tokenizer import toy_reports
@@ -634,3 +635,44 @@ def test_a_report_does_not_depend_on_the_other_prompts_of_its_batch(tokenizers) 
         generate_reports(model, tok, batch.inputs_embeds, batch.attention_mask, **beams)[0]
         == (generate_reports(model, tok, alone.inputs_embeds, alone.attention_mask, **beams)[0])
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The training loss
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize(("style", "family"), [("llama", "llama"), ("qwen", "qwen2")])
+def test_report_loss_is_the_models_loss_with_the_head_on_report_positions_only(
+    tokenizers, style: str, family: str, lora: bool
+) -> None:
+    """Same value and gradients as ``model(**inputs).loss``, with the vocabulary projection applied only at the
+    positions that predict a report token (a right-padded batch with prompts of different lengths)."""
+    model = tiny(tokenizers[style], family)
+    if lora:
+        model = apply_lora(model, r=4, alpha=8, dropout=0.0)
+    prompt = ReportPrompt(tokenizers[style], instruction=DEFAULT_INSTRUCTION)
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    mask[0, 2] = False
+    pre = prefix(3).requires_grad_()
+    inputs = build_inputs(model.get_input_embeddings(), prompt, pre, REPORTS, prefix_mask=mask)
+    heads: list[int] = []
+    hook = (
+        llm_module.causal_lm(model)
+        .get_output_embeddings()
+        .register_forward_hook(lambda _m, args, _out: heads.append(args[0].shape[:-1].numel()))
+    )
+    try:
+        ours = report_loss(model, inputs)
+        ours_grads = torch.autograd.grad(
+            ours, [pre, *(p for p in model.parameters() if p.requires_grad)], retain_graph=True
+        )
+        theirs = model(**inputs.as_model_kwargs()).loss
+        theirs_grads = torch.autograd.grad(theirs, [pre, *(p for p in model.parameters() if p.requires_grad)])
+    finally:
+        hook.remove()
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(ours_grads, theirs_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    labelled = int((inputs.labels[:, 1:] != IGNORE_INDEX).sum())
+    assert heads == [labelled, inputs.labels.numel()]  # ours: the labelled positions; the model's: all

@@ -276,3 +276,57 @@ def test_configs_build_retrievers_by_class_path() -> None:
         )
         retriever = parser.instantiate(cfg).retriever
         assert type(retriever) is cls and retriever.dim == D and retriever.num_memories == 0
+
+
+def _outputs_and_grads(retriever: HopfieldRetriever, queries, extra) -> tuple[torch.Tensor, dict]:
+    retriever.zero_grad()
+    out = retriever(queries, extra_patterns=extra)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in retriever.named_parameters()}
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("extra_shape", [None, (3, DM), (B, 3, DM)], ids=["none", "shared", "per-study"])
+def test_folded_memory_projection_equals_normalising_every_call(normalize: bool, extra_shape) -> None:
+    """The stored patterns are standardised once and each LayerNorm's affine part folded into the projection
+    after it: outputs and every parameter's gradient are those of LN -> Linear on the memory at each call."""
+    memory = torch.randn(M, DM) * 3 + 1
+    retriever = HopfieldRetriever(
+        D, memory, num_heads=2, hidden_size=D // 2, dropout=0.0, normalize=normalize
+    )
+    with torch.no_grad():
+        for p in retriever.parameters():
+            p.normal_(0.0, 0.3)
+    queries = torch.randn(B, Q, D)
+    extra = None if extra_shape is None else torch.randn(*extra_shape)
+    fast, fast_grads = _outputs_and_grads(retriever, queries, extra)
+
+    def plain(self: HopfieldRetriever, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._keys_values(self.memory.to(dtype))  # LN -> Linear of every stored pattern, each call
+
+    original = HopfieldRetriever._memory_keys_values
+    HopfieldRetriever._memory_keys_values = plain  # type: ignore[method-assign]
+    try:
+        slow, slow_grads = _outputs_and_grads(retriever, queries, extra)
+    finally:
+        HopfieldRetriever._memory_keys_values = original  # type: ignore[method-assign]
+    torch.testing.assert_close(fast, slow)
+    for name in slow_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], msg=name)
+
+
+def test_the_standardised_memory_follows_a_new_or_reloaded_memory() -> None:
+    retriever = HopfieldRetriever(D, torch.randn(M, DM), num_heads=2, hidden_size=D // 2, dropout=0.0).eval()
+    queries = torch.randn(B, Q, D)
+    retriever(queries)  # standardised and kept
+    other = HopfieldRetriever(D, torch.randn(M, DM) * 2, num_heads=2, hidden_size=D // 2, dropout=0.0).eval()
+    other.load_state_dict(retriever.state_dict() | {"memory": other.memory.clone()})
+    retriever.load_state_dict(other.state_dict())  # same shape: copied into the buffer in place
+    torch.testing.assert_close(retriever(queries), other(queries))
+    retriever.set_memory(torch.randn(M + 2, DM))
+    fresh = HopfieldRetriever(
+        D, retriever.memory.clone(), num_heads=2, hidden_size=D // 2, dropout=0.0
+    ).eval()
+    fresh.load_state_dict(retriever.state_dict())
+    torch.testing.assert_close(retriever(queries), fresh(queries))
+    assert "_normalized" not in retriever.state_dict()
