@@ -432,7 +432,11 @@ def run_demo(
     preset_args = _TINY if preset == "tiny" else full
     if data == "synthetic":
         data_yaml = configs / "demo" / "data.yaml"
-        data_args = [f"--data.init_args.root={out / 'data'}", f"--data.init_args.seed={seed}", *preset_args["data"]]
+        data_args = [
+            f"--data.init_args.root={out / 'data'}",
+            f"--data.init_args.seed={seed}",
+            *preset_args["data"],
+        ]
     else:
         data_yaml = configs / "iu_synth" / "data.yaml"
         data_args = [f"--data.init_args.annotation={out / 'data' / 'annotation.json'}"]
