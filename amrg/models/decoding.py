@@ -74,12 +74,17 @@ def _is_decode_step(kwargs: dict[str, Any]) -> bool:
     return ids is not None and ids.shape[-1] == 1
 
 
+def _eager_forward(lm: nn.Module) -> Callable[..., Any]:
+    """The forward ``generate`` would call: an instance attribute set by someone else (accelerate's
+    offloading hooks set one), else the class's forward bound to ``lm``."""
+    own = lm.__dict__.get("forward")
+    return own if own is not None else type(lm).forward.__get__(lm, type(lm))
+
+
 def _compiled_forward(lm: nn.Module, mode: str) -> Callable[..., Any]:
     compiled: dict[str, Callable[..., Any]] = lm.__dict__.setdefault(_COMPILED, {})
     if mode not in compiled:
-        # the class's forward bound to this model: the instance attribute set below is not compiled into it
-        forward = type(lm).forward.__get__(lm, type(lm))
-        compiled[mode] = torch.compile(forward, mode=mode, fullgraph=False, dynamic=False)
+        compiled[mode] = torch.compile(_eager_forward(lm), mode=mode, fullgraph=False, dynamic=False)
     return compiled[mode]
 
 
@@ -95,7 +100,8 @@ def compiled_decode(model: nn.Module, mode: str) -> Iterator[None]:
         yield
         return
     lm = causal_lm(model)
-    eager = type(lm).forward.__get__(lm, type(lm))
+    previous = lm.__dict__.get("forward")
+    eager = _eager_forward(lm)
     step = _compiled_forward(lm, mode)
     graphs = mode == "reduce-overhead"
 
@@ -113,4 +119,7 @@ def compiled_decode(model: nn.Module, mode: str) -> Iterator[None]:
     try:
         yield
     finally:
-        del lm.forward
+        if previous is None:
+            del lm.forward
+        else:
+            lm.forward = previous

@@ -352,3 +352,28 @@ def test_the_fast_path_settings_are_checked(model, tok) -> None:
         generate_reports(model, tok, gen.inputs_embeds, gen.attention_mask, cache="paged")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="ReportGenerator: .*needs cache='static'"):
         make_generator(tok, compile="max-autotune-no-cudagraphs")
+
+
+@pytest.mark.slow  # one torch.compile
+def test_a_forward_set_on_the_instance_is_compiled_and_kept(model, tok) -> None:
+    """accelerate's offloading hooks replace ``model.forward`` on the instance: the compiled step must run
+    through it (not around it), and it must be the model's forward again after the call."""
+    calls: list[int] = []
+    original = type(model).forward.__get__(model, type(model))
+
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.forward = hooked
+    gen = inputs(model, tok)
+    settings = {"num_beams": 1, **FAST_SETTINGS}
+    try:
+        slow = new_tokens(model, tok, gen, **settings)
+        eager_calls = len(calls)
+        fast = new_tokens(model, tok, gen, cache="static", compile="default", **settings)
+        assert torch.equal(slow, fast)
+        assert len(calls) == 2 * eager_calls  # every forward of the fast path (prefill and compiled steps) too
+        assert model.__dict__["forward"] is hooked
+    finally:
+        del model.forward
