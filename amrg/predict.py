@@ -45,7 +45,7 @@ from amrg.data.images import (
     image_problem,
 )
 from amrg.errors import ConfigError, InputError, OutputError, writing
-from amrg.models.decoding import CacheKind, CompileMode
+from amrg.models.decoding import CacheKind, CompileMode, check_fast_path
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -171,7 +171,9 @@ def collect_studies(
         if study.id in seen:
             problems.append(
                 f"study id {study.id!r} comes from both {[str(p) for p in seen[study.id].paths]} and "
-                f"{[str(p) for p in study.paths]}; give the files in separate folders"
+                f"{[str(p) for p in study.paths]}: ids are paths relative to the folder given, so give their "
+                "common parent folder instead (ids keep the sub-folder), or rename one; --group_views true makes "
+                "each sub-folder one study"
             )
         seen[study.id] = study
     if problems:
@@ -367,6 +369,12 @@ def predict_images(
                 f"checkpoint '{checkpoint}' is a stage-1 classifier: it writes no report, so --num_beams, "
                 "--min_new_tokens, --max_new_tokens, --cache and --compile do not apply"
             )
+        if predictor.stage == 2:
+            fast = check_fast_path(cache or predictor.net.cache, compile or predictor.net.compile)
+            if fast:
+                raise ConfigError(
+                    f"--cache/--compile: {'; '.join(fast)} (the checkpoint's own setting counts)"
+                )
         _logger.info("predicting %d studies from %s on %s", len(studies), checkpoint, predictor.device)
 
         def predict(batch: list[StudyFiles]) -> list[Any]:

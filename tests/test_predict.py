@@ -81,6 +81,10 @@ def test_predict_writes_one_jsonl_line_per_study(checkpoint: Path, images: Path,
         cache="static",
     )
     assert static.read_text() == out.read_text()
+    # a compiled step without the static cache (the checkpoint's is dynamic) is refused before any study runs
+    with pytest.raises(ValueError, match="--cache/--compile: compile='default' needs cache='static'"):
+        predict_images(checkpoint, [images / "single.png"], tmp_path / "c.jsonl", compile="default")
+    assert not (tmp_path / "c.jsonl").exists()
 
 
 def test_group_views_makes_each_subfolder_one_study(images: Path) -> None:

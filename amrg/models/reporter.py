@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from amrg.errors import ConfigError
 from amrg.labels import LABELS
 from amrg.models.classifier import DiseaseClassifier
 from amrg.models.decoding import CacheKind, CompileMode, check_fast_path
@@ -538,6 +539,9 @@ class ReportGenerator(nn.Module):
         if unknown:
             raise ValueError(f"unknown decoding option(s) {unknown}; expected some of {sorted(options)}")
         options.update({k: v for k, v in overrides.items() if v is not None})
+        problems = check_fast_path(options["cache"], options["compile"])
+        if problems:
+            raise ConfigError("decoding: " + "; ".join(problems))
         return options
 
     @torch.no_grad()

@@ -373,7 +373,8 @@ def test_a_forward_set_on_the_instance_is_compiled_and_kept(model, tok) -> None:
         eager_calls = len(calls)
         fast = new_tokens(model, tok, gen, cache="static", compile="default", **settings)
         assert torch.equal(slow, fast)
-        assert len(calls) == 2 * eager_calls  # every forward of the fast path (prefill and compiled steps) too
+        # every forward of the fast path (the eager prefill and the compiled steps) went through the hook
+        assert len(calls) == 2 * eager_calls
         assert model.__dict__["forward"] is hooked
     finally:
         del model.forward
