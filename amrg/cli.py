@@ -459,8 +459,6 @@ def _cli_class():
                 if isinstance(cause, (OSError, ValueError)):
                     raise cause from None
                 if type(cause).__name__ == "MisconfigurationException":  # Lightning's, e.g. from a strategy
-                    from amrg.errors import ConfigError
-
                     raise ConfigError(str(cause)) from None
                 raise
 
@@ -502,8 +500,7 @@ def _cli_class():
 
             source = f"--ckpt_path '{ckpt_path}'"
             if is_deepspeed_checkpoint(ckpt_path):
-                strategy = (config.get("trainer") or {}).get("strategy")
-                if "DeepSpeed" in str(getattr(strategy, "class_path", None) or strategy):
+                if "DeepSpeed" in _strategy_path(config):
                     return  # DeepSpeed resumes or tests from its own folder
                 check_checkpoint_file(ckpt_path, "--ckpt_path")  # says how to convert it to one .ckpt
             if not Path(ckpt_path).is_file():
@@ -524,17 +521,20 @@ def _cli_class():
     return AmrgCLI
 
 
-def _check_optional_strategy(config: Any) -> None:
-    """A DeepSpeed overlay without deepspeed installed: one line, before jsonargparse buries Lightning's error."""
+def _strategy_path(config: Any) -> str:
+    """The trainer strategy a parsed subcommand config names: its class path, or the strategy's name."""
     trainer = config.get("trainer") if hasattr(config, "get") else None
     strategy = trainer.get("strategy") if hasattr(trainer, "get") else None
-    class_path = str(getattr(strategy, "class_path", None) or strategy or "")
+    return str(getattr(strategy, "class_path", None) or strategy or "")
+
+
+def _check_optional_strategy(config: Any) -> None:
+    """A DeepSpeed overlay without deepspeed installed: one line, before jsonargparse buries Lightning's error."""
+    class_path = _strategy_path(config)
     if "DeepSpeed" in class_path:
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is None:
-            from amrg.errors import ConfigError
-
             raise ConfigError(
                 f"trainer.strategy is {class_path.rsplit('.', 1)[-1]} (configs/trainer/deepspeed_zero*.yaml) but "
                 "deepspeed is not installed: pip install deepspeed (an optional extra; it builds CUDA ops on a "

@@ -565,8 +565,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     args.max_new_tokens = args.max_new_tokens or (6 if args.tiny else 120)
     if args.tiny:
         args.report_tokens = min(args.report_tokens, 20)
-    if check_fast_path(args.cache, args.compile):
-        parser.error("; ".join(check_fast_path(args.cache, args.compile)))
+    problems = check_fast_path(args.cache, args.compile)
+    if problems:
+        parser.error("; ".join(problems))
     fast = {"cache": args.cache, "compile": args.compile}
 
     args.device = args.device or ("meta" if args.flops else "cuda")

@@ -20,6 +20,7 @@ from amrg.modules.reporter import ReporterModule
 from tests.checkpoints.test_stage2 import build, stage2_files
 from tests.models.test_reporter import tiny_llm, tiny_tokenizer
 from tests.modules.test_classifier_module import TinyData, _module
+from tests.modules.test_classifier_module import _trainer as _cpu_trainer
 
 pytestmark = pytest.mark.gpu
 
@@ -28,18 +29,10 @@ ACCELERATOR = "gpu"
 
 
 def _trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    settings = dict(
-        accelerator=ACCELERATOR,
-        devices=1,
-        precision="bf16-mixed",
-        max_steps=3,
-        limit_val_batches=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+    """The CPU tests' tiny trainer (tests/modules/test_classifier_module.py) on the GPU in bf16-mixed."""
+    return _cpu_trainer(
+        tmp_path, **{"accelerator": ACCELERATOR, "precision": "bf16-mixed", "max_steps": 3, **kwargs}
     )
-    return L.Trainer(**{**settings, **kwargs})
 
 
 def _trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -84,7 +77,7 @@ def test_stage2_trains_and_writes_reports_in_bf16_on_the_gpu(tmp_path: Path, llm
 
     loader = torch.utils.data.DataLoader([batch(2, i) for i in range(3)], batch_size=None)
     before = _trainable(module)
-    trainer = _trainer(tmp_path, limit_val_batches=0, enable_checkpointing=False)
+    trainer = _trainer(tmp_path, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=loader)
     after = _trainable(module)
     assert any(not torch.equal(before[n], after[n]) for n in before)

@@ -23,8 +23,8 @@ tokens on a tiny model, greedy and beam):
   updated in place and are graph inputs, not outputs). ``"default"`` and ``"max-autotune-no-cudagraphs"``
   compile without CUDA graphs.
 
-GPU numbers for these settings are measured by ``benchmarks/stage2_throughput.py --cache static --compile
-MODE``; on CPU, tiny scale, the same script gives the ratios in its docstring.
+``benchmarks/stage2_throughput.py --cache static --compile MODE`` times these settings against the plain
+path (docs/cluster.md has the CPU numbers; the GPU ones are still open).
 """
 
 from __future__ import annotations

@@ -66,12 +66,12 @@ __all__ = [
     "apply_lora",
     "build_generation_inputs",
     "build_inputs",
-    "report_loss",
     "build_tiny_llm",
     "enable_gradient_checkpointing",
     "freeze",
     "generate_reports",
     "load_causal_lm",
+    "report_loss",
 ]
 
 logger = logging.getLogger(__name__)
@@ -783,9 +783,9 @@ def report_loss(model: nn.Module, inputs: LLMInputs) -> Tensor:
     The output layer runs only at the positions that predict a label, not over the prefix and prompt as the
     model's own forward does (its loss then discards them). The value is the same as transformers'
     (logits upcast to float32, the mean over the labelled tokens); the work saved is the vocabulary
-    projection of every unlabelled position: at the demo's tiny LLM (64 wide, a 2,000-token vocabulary)
-    that projection is ~3/4 of the FLOPs per token and ~60 % of the positions are prefix and prompt; at 7B
-    it is ~2 % of the FLOPs but its [B, T, V] float32 logits are ~0.2 GB at batch 8.
+    projection of every unlabelled position (about half of them at the paper's and the demo's lengths):
+    little compute (~2 % of a 7B step's FLOPs), but at 7B the [B, T, V] float32 logits of the prefix and
+    prompt (~0.1 GB at batch 8) are never made.
 
     Args:
         model: the causal LM (plain or peft-wrapped); one without ``get_decoder`` / ``get_output_embeddings``
