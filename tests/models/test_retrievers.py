@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -264,6 +265,17 @@ def test_dropout_only_in_training() -> None:
     torch.testing.assert_close(retriever(queries), retriever(queries))
 
 
+def test_association_dropout_drops_p_of_the_weights_and_rescales_the_rest() -> None:
+    from amrg.models.retrievers import _dropout
+
+    weights = torch.rand(4, 2, 14, 500) + 0.5
+    dropped = _dropout(weights, 0.3)
+    kept = dropped != 0
+    assert abs(1 - kept.float().mean().item() - 0.3) < 0.01  # 56,000 draws
+    torch.testing.assert_close(dropped[kept], weights[kept] / 0.7)
+    assert _dropout(weights, 0.0) is weights
+
+
 def test_configs_build_retrievers_by_class_path() -> None:
     # Configs swap retrievers by class_path; the signatures must be parseable by jsonargparse.
     from jsonargparse import ArgumentParser
@@ -287,18 +299,24 @@ def _outputs_and_grads(retriever: HopfieldRetriever, queries, extra) -> tuple[to
 
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("extra_shape", [None, (3, DM), (B, 3, DM)], ids=["none", "shared", "per-study"])
-def test_folded_memory_projection_equals_normalising_every_call(normalize: bool, extra_shape) -> None:
-    """The stored patterns are standardised once and each LayerNorm's affine part folded into the projection
-    after it: outputs and every parameter's gradient are those of LN -> Linear on the memory at each call."""
-    memory = torch.randn(M, DM) * 3 + 1
+@pytest.mark.parametrize("repeated", [False, True], ids=["distinct", "repeated-rows"])
+def test_folded_memory_projection_equals_normalising_every_call(
+    normalize: bool, extra_shape, repeated
+) -> None:
+    """The stored patterns are standardised once, each distinct one projected once and each LayerNorm's
+    affine part folded into the projection after it: outputs and every parameter's gradient are those of
+    LN -> Linear on every stored row at each call (a report stored under several labels repeats a row)."""
+    memory = torch.randn(M, DM, dtype=torch.float64) * 3 + 1  # float64: sums in any order agree
+    if repeated:
+        memory = torch.cat([memory, memory[[4, 1, 4]]])[torch.randperm(M + 3)]
     retriever = HopfieldRetriever(
         D, memory, num_heads=2, hidden_size=D // 2, dropout=0.0, normalize=normalize
-    )
+    ).double()
     with torch.no_grad():
         for p in retriever.parameters():
             p.normal_(0.0, 0.3)
-    queries = torch.randn(B, Q, D)
-    extra = None if extra_shape is None else torch.randn(*extra_shape)
+    queries = torch.randn(B, Q, D, dtype=torch.float64)
+    extra = None if extra_shape is None else torch.randn(*extra_shape, dtype=torch.float64)
     fast, fast_grads = _outputs_and_grads(retriever, queries, extra)
 
     def plain(self: HopfieldRetriever, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,3 +348,27 @@ def test_the_standardised_memory_follows_a_new_or_reloaded_memory() -> None:
     fresh.load_state_dict(retriever.state_dict())
     torch.testing.assert_close(retriever(queries), fresh(queries))
     assert "_normalized" not in retriever.state_dict()
+
+
+@pytest.mark.parametrize("name", ["hopfield", "cross_attention"])
+def test_a_shared_memory_recalls_as_one_copy_per_study(name: str) -> None:
+    """The stored memory is attended as one [heads, B*Q, hidden] query matrix against the shared keys; the
+    outputs, association weights and gradients are those of giving every study its own copy of it."""
+    memory = torch.randn(M, DM, dtype=torch.float64)  # float64: sums in any order agree
+    shared = RETRIEVERS[name](memory).double().eval()
+    with torch.no_grad():
+        for p in shared.parameters():
+            p.normal_(0.0, 0.3)
+    per_study = copy.deepcopy(shared)
+    per_study.set_memory(torch.empty(0, DM, dtype=torch.float64))  # the patterns come per study instead
+    queries = torch.randn(B, Q, D, dtype=torch.float64)
+    outputs, grads = [], []
+    for retriever, extra in ((shared, None), (per_study, memory.expand(B, M, DM))):
+        out, attention = retriever(queries, extra_patterns=extra, return_attention=True)
+        (out.square().sum() + attention.square().sum()).backward()
+        outputs.append((out, attention, retriever(queries, extra_patterns=extra)))
+        grads.append({n: p.grad for n, p in retriever.named_parameters()})
+    for a, b in zip(*outputs, strict=True):
+        torch.testing.assert_close(a, b)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
