@@ -308,13 +308,13 @@ def _stage1_predictions(ckpt: Path, data) -> tuple[list[str], list[set[int]], fl
 
 
 def recall_agreement(net, loader, top_k: int = 5) -> dict[str, float]:
-    """How often a recalled memory item's label is positive for the study, against a random item.
+    """How often a recalled memory item is stored under one of the study's labels, against a random item.
 
     For each test study with a positive label, the top-k items of each memory
-    (:meth:`~amrg.models.reporter.ReportGenerator.explain_from_prefix`) are compared with the study's
-    positive labels (the annotation's, code 1): the share whose stored label is one of them. A random
-    item's expected share is the fraction of the memory's rows stored under one of the study's labels,
-    computed exactly rather than sampled.
+    (:meth:`~amrg.models.reporter.ReportGenerator.explain_from_prefix`: a report stored under several
+    labels is one item) are compared with the study's positive labels (the annotation's, code 1): the share
+    stored under one of them. A random item's expected share is the fraction of the memory's items stored
+    under one of the study's labels, computed exactly rather than sampled.
 
     Returns:
         ``{"report", "report_random", "visual", "visual_random"}``, means over those studies; a memory
@@ -324,9 +324,9 @@ def recall_agreement(net, loader, top_k: int = 5) -> dict[str, float]:
 
     from amrg.labels import LABELS
 
-    label_of = {
-        "visual": [str(r.get("label")) for r in net.visual_provenance],
-        "report": [str(r.get("label")) for r in net.report_provenance],
+    stored = {
+        "visual": _stored_labels(net.visual_provenance, by_source=False),
+        "report": _stored_labels(net.report_provenance, by_source=True),
     }
     sums = dict.fromkeys(("report", "report_random", "visual", "visual_random"), 0.0)
     studies = 0
@@ -347,10 +347,24 @@ def recall_agreement(net, loader, top_k: int = 5) -> dict[str, float]:
                     mine = [item for item in recalled if item.memory == kind]
                     if mine:
                         recalls.add(kind)
-                    sums[kind] += sum(item.label in positive for item in mine) / max(1, len(mine))
-                    stored = label_of[kind]
-                    sums[f"{kind}_random"] += sum(label in positive for label in stored) / max(1, len(stored))
+                    sums[kind] += sum(not positive.isdisjoint(i.all_labels) for i in mine) / max(1, len(mine))
+                    items = stored[kind]
+                    sums[f"{kind}_random"] += sum(not positive.isdisjoint(s) for s in items) / max(
+                        1, len(items)
+                    )
     return {key: value / max(1, studies) for key, value in sums.items() if key.split("_")[0] in recalls}
+
+
+def _stored_labels(provenance: Sequence[dict[str, Any]], by_source: bool) -> list[set[str]]:
+    """The labels each memory item is stored under: one item a row, or with ``by_source`` (the report
+    memory) one item per ``source_id``, as :meth:`~amrg.models.reporter.ReportGenerator.explain_from_prefix`
+    lists them."""
+    items: dict[object, set[str]] = {}
+    for row, record in enumerate(provenance):
+        source = record.get("source_id")
+        key = ("source", str(source)) if by_source and source is not None else ("row", row)
+        items.setdefault(key, set()).add(str(record.get("label")))
+    return list(items.values())
 
 
 def _table(rows: list[Row], stage1_f1: float, labeler: str, studies: int) -> str:

@@ -306,7 +306,8 @@ def _recalled_texts(reports: list[RecalledItem]) -> str:
     if not reports:
         return "(none)"
     return "\n\n".join(
-        f"w={item.weight:.3f}  {item.label}  ({item.source_id})\n" + _wrap(item.text or "(no text stored)")
+        f"w={item.weight:.3f}  {', '.join(item.all_labels)}  ({item.source_id})\n"
+        + _wrap(item.text or "(no text stored)")
         for item in reports
     )
 

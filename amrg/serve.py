@@ -34,7 +34,7 @@ __all__ = ["API_NAME", "RECALLED_COLUMNS", "build_app", "report_outputs", "serve
 _logger = logging.getLogger(__name__)
 
 API_NAME = "report"
-RECALLED_COLUMNS = ["memory", "label", "weight", "source", "view", "box", "text"]
+RECALLED_COLUMNS = ["memory", "labels", "weight", "source", "view", "box", "text"]
 _UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"]
 _INTRO = (
     "Upload one or two views of a chest X-ray study (PNG, JPEG or DICOM) and press **Write report**. "
@@ -102,7 +102,7 @@ def report_outputs(
     rows = [
         [
             item.memory,
-            item.label,
+            ", ".join(item.all_labels),
             round(item.weight, 4),
             item.source_id,
             "" if item.view is None else item.view,

@@ -95,6 +95,23 @@ def test_recall_agreement_counts_items_stored_under_the_studys_labels() -> None:
     agreement = recall_agreement(Net(), [batch])
     assert agreement == {"report": 1.0, "report_random": 0.75, "visual": 0.0, "visual_random": 0.5}
 
+    class OneReportTwoLabels(Net):  # report r1 is stored under Cardiomegaly and Edema: one item of three
+        report_provenance = [
+            {"label": "Cardiomegaly", "source_id": "r1"},
+            {"label": "Edema", "source_id": "r1"},
+            {"label": "Edema", "source_id": "r2"},
+            {"label": "Fracture", "source_id": "r3"},
+        ]
+
+        def explain_from_prefix(self, visual, top_k):
+            both = ("Cardiomegaly", "Edema")
+            return [[RecalledItem("report", "r1", "Edema", 0.9, 1, labels=both)], []]
+
+    agreement = recall_agreement(OneReportTwoLabels(), [batch])
+    # r1 counts for a Cardiomegaly study though its heaviest row is stored under Edema; a random item is
+    # one of three reports, one of them (r1) stored under Cardiomegaly
+    assert agreement == {"report": 1.0, "report_random": pytest.approx(1 / 3)}
+
 
 def test_stage1_prediction_as_text() -> None:
     assert stage1_sentences(["Cardiomegaly", "Pleural Effusion"]) == "cardiomegaly . pleural effusion ."

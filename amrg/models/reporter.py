@@ -22,7 +22,7 @@ encoder that needs custom CUDA kernels), so one stage-1 checkpoint carries the w
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -87,6 +87,10 @@ class RecalledItem:
         box: the patch box ``[x0, y0, x1, y1]`` in pixels of that view's original image (visual memory).
         image: the source view's file, relative to the memory's ``image_root`` (visual memories built by
             amrg >= 0.1 with image paths); None when the memory did not record it.
+        labels: every label the item is stored under, CheXbert order. The report memory stores a report
+            once under each of its labels; :meth:`ReportGenerator.explain_from_prefix` lists it once, with
+            the weight summed over its rows and ``label``/``slot`` those of its highest-weight row.
+            Empty means ``(label,)``.
     """
 
     memory: MemoryName
@@ -98,11 +102,19 @@ class RecalledItem:
     view: int | None = None
     box: tuple[float, float, float, float] | None = None
     image: str | None = None
+    labels: tuple[str, ...] = ()
+
+    @property
+    def all_labels(self) -> tuple[str, ...]:
+        """Every label the item is stored under (``labels``, or ``(label,)`` when that is empty)."""
+        return self.labels or (self.label,)
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON form used by ``amrg predict-images``: memory, source_id, label, then text, view, box and
-        image where known, then weight."""
+        """The JSON form used by ``amrg predict-images``: memory, source_id, label, labels when the item is
+        stored under more than one, then text, view, box and image where known, then weight."""
         out: dict[str, Any] = {"memory": self.memory, "source_id": self.source_id, "label": self.label}
+        if len(self.all_labels) > 1:
+            out["labels"] = list(self.all_labels)
         if self.text is not None:
             out["text"] = self.text
         if self.view is not None:
@@ -287,6 +299,7 @@ class ReportGenerator(nn.Module):
         self.visual_provenance: list[dict[str, Any]] = [dict(r) for r in visual_provenance]
         self.report_provenance: list[dict[str, Any]] = [dict(r) for r in report_provenance]
         self._label_cache: dict[str, tuple[list[dict[str, Any]], Tensor]] = {}
+        self._item_cache: dict[str, tuple[list[dict[str, Any]], Tensor, list[list[int]]]] = {}
         self.build_record: dict[str, Any] | None = None
         """How the parts were assembled, as plain data (set by :mod:`amrg.checkpoints.stage2`); a stage-2
         checkpoint stores it so the network can be rebuilt from the checkpoint alone."""
@@ -589,7 +602,9 @@ class ReportGenerator(nn.Module):
         """The top recalled items of each memory for every study.
 
         A memory slot's weight is its association weight averaged over heads and disease queries; the
-        disease-query embeddings in front of the visual memory are not memory items and are skipped.
+        disease-query embeddings in front of the visual memory are not memory items and are skipped. A
+        report the memory stores under several labels is one item (its rows' weights summed, every label
+        in :attr:`RecalledItem.labels`), so the top items are distinct reports.
 
         Args:
             visual: the output of :meth:`encode` with ``return_attention=True``.
@@ -621,9 +636,14 @@ class ReportGenerator(nn.Module):
                     f"{name} memory: {len(provenance)} provenance records for {size} attended slots "
                     f"({stored} stored); load the memory and its provenance together"
                 )
-            values, slots = weights.topk(min(top_k, size), dim=1)  # [B, k] each
+            # one item per stored item: the report memory's rows of one report (one per label) join
+            item_of_row, rows_of_item = self._items(name)  # [M], rows of each item
+            items = weights.new_zeros(batch, len(rows_of_item)).index_add_(1, item_of_row, weights)  # [B, I]
+            values, picked = items.topk(min(top_k, items.shape[1]), dim=1)  # [B, k] each
             for b in range(batch):
-                for value, slot in zip(values[b].tolist(), slots[b].tolist()):
+                for value, item in zip(values[b].tolist(), picked[b].tolist()):
+                    rows = rows_of_item[item]
+                    slot = rows[int(weights[b, rows].argmax())] if len(rows) > 1 else rows[0]
                     record = provenance[slot]
                     out[b].append(
                         RecalledItem(
@@ -633,9 +653,31 @@ class ReportGenerator(nn.Module):
                             weight=float(value),
                             slot=int(slot),
                             **(_visual_fields(record) if name == "visual" else _report_fields(record)),
+                            labels=_ordered_labels(str(provenance[r].get("label", "")) for r in rows),
                         )
                     )
         return out
+
+    def _items(self, memory: MemoryName) -> tuple[Tensor, list[list[int]]]:
+        """The item of each memory row, [M], and the rows of each item: every row is its own item, except
+        that the report memory's rows of one report (the same ``source_id``) are one."""
+        provenance = self.visual_provenance if memory == "visual" else self.report_provenance
+        cached = self._item_cache.get(memory)
+        if cached is None or cached[0] is not provenance:
+            index: dict[object, int] = {}
+            rows_of_item: list[list[int]] = []
+            for row, record in enumerate(provenance):
+                source = record.get("source_id")
+                key = ("report", str(source)) if memory == "report" and source is not None else ("row", row)
+                item = index.setdefault(key, len(rows_of_item))
+                if item == len(rows_of_item):
+                    rows_of_item.append([])
+                rows_of_item[item].append(row)
+            item_of_row = torch.empty(len(provenance), dtype=torch.long)
+            for item, rows in enumerate(rows_of_item):
+                item_of_row[rows] = item
+            cached = self._item_cache[memory] = (provenance, item_of_row, rows_of_item)
+        return cached[1], cached[2]
 
     @torch.no_grad()
     def predict(
@@ -665,6 +707,13 @@ class ReportGenerator(nn.Module):
             f"freeze_qformer={self.freeze_qformer}, num_beams={self.num_beams}, "
             f"new_tokens={self.min_new_tokens}-{self.max_new_tokens}"
         )
+
+
+def _ordered_labels(labels: Iterable[str]) -> tuple[str, ...]:
+    """Distinct labels, CheXbert order first (unknown names after, as first seen)."""
+    seen = dict.fromkeys(labels)
+    order = {name: i for i, name in enumerate(LABELS)}
+    return tuple(sorted(seen, key=lambda name: order.get(name, len(order))))
 
 
 def _report_fields(record: dict[str, Any]) -> dict[str, Any]:

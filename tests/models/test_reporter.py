@@ -346,7 +346,10 @@ def test_predict_gives_probabilities_and_ranked_explanations(tokenizers) -> None
         assert all(i.view == 0 and i.box == (0.0, 0.0, 8.0, 8.0) and i.image is None for i in visual)
         assert all(i.view is None and i.box is None for i in report)
     as_dict = pred.explanations[0][-1].as_dict()
-    assert list(as_dict) == ["memory", "source_id", "label", "text", "weight"]
+    stored_under = [r["label"] for r in net.report_provenance if r["source_id"] == as_dict["source_id"]]
+    assert len(stored_under) == 2  # tiny_banks stores each report under two labels: "labels" names both
+    assert list(as_dict) == ["memory", "source_id", "label", "labels", "text", "weight"]
+    assert sorted(as_dict["labels"]) == sorted(stored_under)
     visual_dict = pred.explanations[0][0].as_dict()
     assert list(visual_dict) == ["memory", "source_id", "label", "view", "box", "weight"]
     assert visual_dict["box"] == [0.0, 0.0, 8.0, 8.0]
@@ -358,6 +361,32 @@ def test_predict_gives_probabilities_and_ranked_explanations(tokenizers) -> None
         "label",
         "weight",
     ]
+
+
+def test_a_report_stored_under_several_labels_is_recalled_once(tokenizers) -> None:
+    """The report memory stores a report once per label; its explanation lists each report once, with its
+    rows' weights summed and every label it is stored under, so the top items are distinct reports."""
+    net = make_generator(tokenizers["llama"]).eval()
+    images, view_mask = batch()
+    with torch.no_grad():
+        visual = net.encode(images, view_mask, return_attention=True)
+    items = net.explain_from_prefix(visual, top_k=100)
+    rows = visual.report_attention.float().mean(dim=(1, 2))  # [B, M], the weight of every stored row
+    sources = sorted({r["source_id"] for r in net.report_provenance})
+    for b, study in enumerate(items):
+        report = [i for i in study if i.memory == "report"]
+        assert sorted(i.source_id for i in report) == sources  # each report once, none left out
+        for item in report:
+            mine = [k for k, r in enumerate(net.report_provenance) if r["source_id"] == item.source_id]
+            assert item.weight == pytest.approx(float(rows[b, mine].sum()), rel=1e-5)
+            assert item.slot == max(mine, key=lambda k: float(rows[b, k]))  # label/slot: its heaviest row
+            assert item.labels == tuple(
+                label for label in LABELS if label in {net.report_provenance[k]["label"] for k in mine}
+            )
+        visual_items = [i for i in study if i.memory == "visual"]
+        assert len(visual_items) == len(net.visual_provenance)  # every patch is its own item
+        assert all(i.labels == (i.label,) for i in visual_items)
+    assert sum(i.weight for i in items[0] if i.memory == "report") == pytest.approx(1.0, rel=1e-5)
 
 
 def test_no_retriever_explains_nothing_and_mismatched_provenance_is_refused(tokenizers) -> None:
