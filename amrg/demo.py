@@ -210,11 +210,17 @@ def _recipe_hashes(args: Sequence[str]) -> dict[str, str]:
     return {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files}
 
 
+_MENTION = {"Lung Lesion": "lung nodule", "Pleural Other": "pleural thickening"}
+"""Labels whose CheXpert name is not one of the labeler's mention phrases, and a phrase that is."""
+
+
 def stage1_sentences(positive: Sequence[str]) -> str:
-    """The stage-1 prediction as report text: one sentence per positive label (CheXpert wording)."""
+    """The stage-1 prediction as report text: one sentence per positive label, worded so the CheXpert
+    labeler reads that label (its name, or a mention phrase of it where the name is none: "pleural other"
+    reads as nothing, "pleural thickening" as Pleural Other)."""
     if not positive or list(positive) == ["No Finding"]:
         return "no acute cardiopulmonary abnormality ."
-    return " ".join(f"{label.lower()} ." for label in positive if label != "No Finding")
+    return " ".join(f"{_MENTION.get(label, label.lower())} ." for label in positive if label != "No Finding")
 
 
 def _label_f1(a: set[int], b: set[int]) -> float:

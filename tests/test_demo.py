@@ -115,6 +115,20 @@ def test_recall_agreement_counts_items_stored_under_the_studys_labels() -> None:
 
 def test_stage1_prediction_as_text() -> None:
     assert stage1_sentences(["Cardiomegaly", "Pleural Effusion"]) == "cardiomegaly . pleural effusion ."
+
+
+def test_stage1_as_text_is_read_back_as_its_labels() -> None:
+    """Every label's sentence reads as that label (an upper bound on what a reporter can say about
+    stage 1's findings); support devices alone leave No Finding positive, as in CheXpert."""
+    from amrg.labeling import build_labeler
+    from amrg.labels import LABELS
+
+    labeler = build_labeler("chexpert")
+    for label in LABELS:
+        read = labeler.label_batch([stage1_sentences([label])])[0]
+        positive = {LABELS[i] for i, v in enumerate(read) if v == 1}
+        expected = {label, "No Finding"} if label == "Support Devices" else {label}
+        assert positive == expected, (label, stage1_sentences([label]))
     assert (
         stage1_sentences([]) == stage1_sentences(["No Finding"]) == "no acute cardiopulmonary abnormality ."
     )
