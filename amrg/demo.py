@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -314,13 +314,16 @@ def _stage1_predictions(ckpt: Path, data) -> tuple[list[str], list[set[int]], fl
 
 
 def recall_agreement(net, loader, top_k: int = 5) -> dict[str, float]:
-    """How often a recalled memory item is stored under one of the study's labels, against a random item.
+    """How much of what the memories recall is stored under the study's labels, against a random item.
 
     For each test study with a positive label, the top-k items of each memory
     (:meth:`~amrg.models.reporter.ReportGenerator.explain_from_prefix`: a report stored under several
-    labels is one item) are compared with the study's positive labels (the annotation's, code 1): the share
-    stored under one of them. A random item's expected share is the fraction of the memory's items stored
-    under one of the study's labels, computed exactly rather than sampled.
+    labels is one item) are compared with the study's positive labels (the annotation's, code 1): each
+    item scores the share of the labels it is stored under that the study has (1 or 0 for an item stored
+    under one label; 1/7 for a report stored under seven labels of which the study has one, so reports
+    with many labels, which the summed weights favour, do not match every study), averaged over the
+    items. A random item's expected score is the same average over all of the memory's items, computed
+    exactly rather than sampled.
 
     Returns:
         ``{"report", "report_random", "visual", "visual_random"}``, means over those studies; a memory
@@ -353,12 +356,16 @@ def recall_agreement(net, loader, top_k: int = 5) -> dict[str, float]:
                     mine = [item for item in recalled if item.memory == kind]
                     if mine:
                         recalls.add(kind)
-                    sums[kind] += sum(not positive.isdisjoint(i.all_labels) for i in mine) / max(1, len(mine))
+                    sums[kind] += sum(_share(positive, i.all_labels) for i in mine) / max(1, len(mine))
                     items = stored[kind]
-                    sums[f"{kind}_random"] += sum(not positive.isdisjoint(s) for s in items) / max(
-                        1, len(items)
-                    )
+                    sums[f"{kind}_random"] += sum(_share(positive, s) for s in items) / max(1, len(items))
     return {key: value / max(1, studies) for key, value in sums.items() if key.split("_")[0] in recalls}
+
+
+def _share(positive: set[str], labels: Iterable[str]) -> float:
+    """The share of an item's labels that are among the study's positive labels."""
+    labels = set(labels)
+    return len(labels & positive) / max(1, len(labels))
 
 
 def _stored_labels(provenance: Sequence[dict[str, Any]], by_source: bool) -> list[set[str]]:

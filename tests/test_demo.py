@@ -108,9 +108,9 @@ def test_recall_agreement_counts_items_stored_under_the_studys_labels() -> None:
             return [[RecalledItem("report", "r1", "Edema", 0.9, 1, labels=both)], []]
 
     agreement = recall_agreement(OneReportTwoLabels(), [batch])
-    # r1 counts for a Cardiomegaly study though its heaviest row is stored under Edema; a random item is
-    # one of three reports, one of them (r1) stored under Cardiomegaly
-    assert agreement == {"report": 1.0, "report_random": pytest.approx(1 / 3)}
+    # r1 scores 1/2 for a Cardiomegaly study (one of its two labels) though its heaviest row is stored under
+    # Edema; a random item is one of three reports: r1 (1/2), r2 (0) or r3 (0)
+    assert agreement == {"report": 0.5, "report_random": pytest.approx(1 / 6)}
 
 
 def test_stage1_prediction_as_text() -> None:
