@@ -369,15 +369,12 @@ def _share(positive: set[str], labels: Iterable[str]) -> float:
 
 
 def _stored_labels(provenance: Sequence[dict[str, Any]], by_source: bool) -> list[set[str]]:
-    """The labels each memory item is stored under: one item a row, or with ``by_source`` (the report
-    memory) one item per ``source_id``, as :meth:`~amrg.models.reporter.ReportGenerator.explain_from_prefix`
-    lists them."""
-    items: dict[object, set[str]] = {}
-    for row, record in enumerate(provenance):
-        source = record.get("source_id")
-        key = ("source", str(source)) if by_source and source is not None else ("row", row)
-        items.setdefault(key, set()).add(str(record.get("label")))
-    return list(items.values())
+    """The labels each memory item is stored under, items as
+    :meth:`~amrg.models.reporter.ReportGenerator.explain_from_prefix` lists them
+    (:func:`~amrg.models.reporter.memory_items`)."""
+    from amrg.models.reporter import memory_items
+
+    return [{str(provenance[r].get("label")) for r in rows} for rows in memory_items(provenance, by_source)]
 
 
 def _table(rows: list[Row], stage1_f1: float, labeler: str, studies: int) -> str:

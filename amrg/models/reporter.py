@@ -43,7 +43,7 @@ from amrg.models.llm import (
     report_loss,
 )
 
-__all__ = ["GeneratorPrediction", "RecalledItem", "ReportGenerator", "VisualPrefix"]
+__all__ = ["GeneratorPrediction", "RecalledItem", "ReportGenerator", "VisualPrefix", "memory_items"]
 
 _logger = logging.getLogger(__name__)
 
@@ -638,7 +638,8 @@ class ReportGenerator(nn.Module):
                 )
             # one item per stored item: the report memory's rows of one report (one per label) join
             item_of_row, rows_of_item = self._items(name)  # [M], rows of each item
-            items = weights.new_zeros(batch, len(rows_of_item)).index_add_(1, item_of_row, weights)  # [B, I]
+            items = weights.new_zeros(batch, len(rows_of_item))  # [B, I]
+            items.index_add_(1, item_of_row.to(weights.device), weights)
             values, picked = items.topk(min(top_k, items.shape[1]), dim=1)  # [B, k] each
             for b in range(batch):
                 for value, item in zip(values[b].tolist(), picked[b].tolist()):
@@ -664,15 +665,7 @@ class ReportGenerator(nn.Module):
         provenance = self.visual_provenance if memory == "visual" else self.report_provenance
         cached = self._item_cache.get(memory)
         if cached is None or cached[0] is not provenance:
-            index: dict[object, int] = {}
-            rows_of_item: list[list[int]] = []
-            for row, record in enumerate(provenance):
-                source = record.get("source_id")
-                key = ("report", str(source)) if memory == "report" and source is not None else ("row", row)
-                item = index.setdefault(key, len(rows_of_item))
-                if item == len(rows_of_item):
-                    rows_of_item.append([])
-                rows_of_item[item].append(row)
+            rows_of_item = memory_items(provenance, by_source=memory == "report")
             item_of_row = torch.empty(len(provenance), dtype=torch.long)
             for item, rows in enumerate(rows_of_item):
                 item_of_row[rows] = item
@@ -707,6 +700,22 @@ class ReportGenerator(nn.Module):
             f"freeze_qformer={self.freeze_qformer}, num_beams={self.num_beams}, "
             f"new_tokens={self.min_new_tokens}-{self.max_new_tokens}"
         )
+
+
+def memory_items(provenance: Sequence[dict[str, Any]], by_source: bool) -> list[list[int]]:
+    """The rows of each memory item, in order of first row: one item a row, or with ``by_source`` (the report
+    memory, which stores a report once under each of its labels) one item per ``source_id``; rows without a
+    ``source_id`` stay items of their own."""
+    index: dict[object, int] = {}
+    rows_of_item: list[list[int]] = []
+    for row, record in enumerate(provenance):
+        source = record.get("source_id")
+        key = ("source", str(source)) if by_source and source is not None else ("row", row)
+        item = index.setdefault(key, len(rows_of_item))
+        if item == len(rows_of_item):
+            rows_of_item.append([])
+        rows_of_item[item].append(row)
+    return rows_of_item
 
 
 def _ordered_labels(labels: Iterable[str]) -> tuple[str, ...]:
