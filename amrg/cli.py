@@ -409,13 +409,17 @@ def _run_path(sub: str, *, _parent_) -> str:
     raise ValueError(f"${{run_path:{sub}}} needs a run_root option in the config")
 
 
-def _parsing_settings() -> None:
+def _parsing_settings(args: Sequence[str] | None) -> None:
+    """jsonargparse's settings and the ``run_path`` resolver, for a command line (None: ``sys.argv``)."""
     import omegaconf
     from jsonargparse import set_parsing_settings
     from omegaconf import OmegaConf
 
-    # help text for dataclass fields comes from their attribute docstrings
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    # Help text for dataclass fields comes from their attribute docstrings; reading them (the source of
+    # every class in a recipe) costs ~2 s a command, so only help and --print_config read them.
+    words = sys.argv[1:] if args is None else args
+    wants_help = any(w in ("-h", "--help") or w.startswith("--print_config") for w in words)
+    set_parsing_settings(docstring_parse_attribute_docstrings=wants_help)
     if not OmegaConf.has_resolver("run_path"):
         # OmegaConf 2.4 renamed register_new_resolver (now deprecated) to register_resolver, whose 2.3
         # namesake is the legacy API without _parent_.
@@ -553,7 +557,7 @@ def lightning_cli(args: list[str] | None, run: bool = True):
     With ``run=False`` the args hold no subcommand and the CLI only instantiates the model, the
     data and the trainer (used by tests and notebooks to build a recipe).
     """
-    _parsing_settings()
+    _parsing_settings(args)
     return _cli_class()(
         model_class=None,
         datamodule_class=None,
@@ -679,7 +683,7 @@ def _run(argv: list[str], given: bool) -> None:
     if target is not None:
         from jsonargparse import CLI
 
-        _parsing_settings()
+        _parsing_settings(argv)
         args = _dashes_to_underscores(argv[1:])
         fn = target.get(args[0]) if isinstance(target, dict) and args else target
         CLI(

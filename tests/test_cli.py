@@ -128,3 +128,18 @@ def test_ckpt_path_is_checked_before_lightning_reads_it(tmp_path: Path, monkeypa
         CheckpointError, match=r"was not written by Lightning \(no \['pytorch-lightning_version'"
     ):
         cli.lightning_cli(["fit", *recipe, "--ckpt_path", str(weights)])
+
+
+def test_attribute_docstrings_are_read_only_for_help() -> None:
+    """Reading every recipe class's source for field help costs ~2 s a command: only --help and
+    --print_config pay it (the help text itself is checked by test_command_help_shows_docstring)."""
+    from jsonargparse._optionals import get_docstring_parse_options
+
+    for args, wanted in (
+        (["fit", "-c", "recipe.yaml"], False),
+        (["memory", "build", "--help"], True),
+        (["fit", "-c", "recipe.yaml", "--print_config"], True),
+        (["test", "-h"], True),
+    ):
+        cli._parsing_settings(args)
+        assert get_docstring_parse_options()["attribute_docstrings"] is wanted, args
