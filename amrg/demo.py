@@ -12,11 +12,12 @@ random models on 64 px films, 2 CPU cores) into ``--out`` and scores the test sp
   what the reporter can say about the findings.
 
 Columns: BLEU-4, CIDEr, ROUGE-L, CE micro- and macro-F1 (14 labels, uncertain as negative, the offline
-labeler on both sides), the stage-1 micro-F1 at 0.5 against the annotation's labels, distinct reports
-(%), recall agreement of the full model (:func:`recall_agreement`: the share of its top-5 recalled
-report- and visual-memory items stored under one of the study's labels, against a random item) and wall
-time. Each stage leaves ``<out>/<stage>.done.json``; a re-run reuses finished stages whose
-command has not changed (``fresh=True`` redoes everything).
+labeler on both sides), the stage-1 micro-F1 at 0.5 against the annotation's labels, how much of the
+stage-1 prediction the reports state (:func:`stage1_agreement`), distinct reports (%), recall agreement
+of the model (:func:`recall_agreement`: how many of its top-5 recalled report- and visual-memory items'
+labels the study has, against a random item) and wall time. Each stage leaves
+``<out>/<stage>.done.json``; a re-run reuses finished stages whose command has not changed
+(``fresh=True`` redoes everything).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "baseline_reports",
     "recall_agreement",
     "run_demo",
+    "stage1_agreement",
     "stage1_sentences",
 ]
 
@@ -270,8 +272,37 @@ _SCORED = ("bleu4", "cider", "rouge_l", "ce_micro_f1", "ce_macro_f1")
 """The scores of a row that get a bootstrap interval."""
 
 
+def stage1_agreement(report_labels: Sequence[Sequence[int | None]], predicted: Sequence[set[int]]) -> float:
+    """How much of the stage-1 prediction the reports state: micro-F1 (14 labels) between the labels read
+    as positive in each report and the labels stage 1 predicts for its study at 0.5.
+
+    1.0 for a reporter that writes exactly what stage 1 decides (the "stage 1 as text" row); the CE gap
+    between a reporter and that row is what the reporter loses in the writing.
+
+    Args:
+        report_labels: per report, the labeler's 14 codes (1 positive; 0, -1 and None are not).
+        predicted: per study, the indices of the labels stage 1 predicts.
+    """
+    import torch
+
+    from amrg.metrics.clinical import precision_recall_f1
+
+    if len(report_labels) != len(predicted):
+        raise ValueError(f"{len(report_labels)} reports but {len(predicted)} stage-1 predictions")
+    written = torch.tensor([[code == 1 for code in codes] for codes in report_labels], dtype=torch.bool)
+    stated = torch.zeros_like(written)
+    for row, labels in enumerate(predicted):
+        stated[row, sorted(labels)] = True
+    return float(precision_recall_f1(written, stated)["micro_f1"])
+
+
 def _scores(
-    hyps: list[str], refs: list[str], ref_labels: list[list[int | None]], labeler: Any, seed: int = 0
+    hyps: list[str],
+    refs: list[str],
+    ref_labels: list[list[int | None]],
+    labeler: Any,
+    predicted: Sequence[set[int]],
+    seed: int = 0,
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """The row's scores on the whole test split, and a 95 % bootstrap interval (1,000 resamples of the
     test studies, :func:`amrg.metrics.bootstrap.bootstrap_intervals`) for each of :data:`_SCORED`."""
@@ -279,13 +310,15 @@ def _scores(
     from amrg.metrics.clinical import ce_key
     from amrg.metrics.study_stats import study_stats
 
-    stats = study_stats(hyps, refs, labeler.label_batch(hyps), ref_labels, meteor=False)
+    hyp_labels = labeler.label_batch(hyps)
+    stats = study_stats(hyps, refs, hyp_labels, ref_labels, meteor=False)
     micro, macro = (ce_key(average, "f1", "14", "u0") for average in ("micro", "macro"))
     # row key -> the metric's key in the bootstrap's scores
     names = dict(zip(_SCORED, ("bleu4", "cider", "rouge_l", micro, macro), strict=True))
     intervals = bootstrap_intervals(stats, resamples=1000, seed=seed)
     scores = {name: float(intervals[key].value) for name, key in names.items()}
     scores["distinct"] = len(set(hyps)) / max(1, len(hyps))
+    scores["stage1_agreement"] = stage1_agreement(hyp_labels, predicted)
     return scores, {
         name: [float(intervals[key].low), float(intervals[key].high)] for name, key in names.items()
     }
@@ -379,15 +412,15 @@ def _stored_labels(provenance: Sequence[dict[str, Any]], by_source: bool) -> lis
 
 def _table(rows: list[Row], stage1_f1: float, labeler: str, studies: int) -> str:
     head = (
-        "| | BLEU-4 | CIDEr | ROUGE-L | CE micro-F1 | CE macro-F1 | stage-1 micro-F1 | distinct | "
-        "report recall (random) | visual recall (random) | wall time |"
+        "| | BLEU-4 | CIDEr | ROUGE-L | CE micro-F1 | CE macro-F1 | stage-1 micro-F1 | states stage 1 | "
+        "distinct | report recall (random) | visual recall (random) | wall time |"
     )
     lines = [
         f"{studies} test studies; CE read by the `{labeler}` labeler (14 labels, uncertain as negative); "
         "[95 % bootstrap interval over the test studies, 1,000 resamples]",
         "",
         head,
-        "|" + "---|" * 11,
+        "|" + "---|" * 12,
     ]
     for row in rows:
         s, iv = row.scores, row.intervals
@@ -398,7 +431,8 @@ def _table(rows: list[Row], stage1_f1: float, labeler: str, studies: int) -> str
             for k in ("report", "visual")
         ]
         lines.append(
-            f"| {row.name} | {' | '.join(cells)} | {stage1_f1:.3f} | {100 * s['distinct']:.0f} % | "
+            f"| {row.name} | {' | '.join(cells)} | {stage1_f1:.3f} | {s['stage1_agreement']:.3f} | "
+            f"{100 * s['distinct']:.0f} % | "
             f"{agree[0]} | {agree[1]} | {wall} |"
         )
     return "\n".join(lines)
@@ -596,7 +630,7 @@ def run_demo(
         rows.append(
             Row(
                 "full model" if name == "stage2" else ABLATIONS[name],
-                *_scores([model[i]["hypothesis"] for i in ids], refs, ref_labels, labeler, seed),
+                *_scores([model[i]["hypothesis"] for i in ids], refs, ref_labels, labeler, predicted, seed),
                 seconds=seconds[name],
                 recall=recall_agreement(net, dm.test_dataloader()),
             )
@@ -607,9 +641,12 @@ def run_demo(
 
     as_text = [stage1_sentences([LABELS[j] for j in sorted(p)]) for p in predicted]
     rows += [
-        Row("constant report", *_scores(base["constant"], refs, ref_labels, labeler, seed)),
-        Row("retrieval (stage-1 labels)", *_scores(base["retrieval"], refs, ref_labels, labeler, seed)),
-        Row("stage 1 as text", *_scores(as_text, refs, ref_labels, labeler, seed)),
+        Row("constant report", *_scores(base["constant"], refs, ref_labels, labeler, predicted, seed)),
+        Row(
+            "retrieval (stage-1 labels)",
+            *_scores(base["retrieval"], refs, ref_labels, labeler, predicted, seed),
+        ),
+        Row("stage 1 as text", *_scores(as_text, refs, ref_labels, labeler, predicted, seed)),
     ]
     table = _table(rows, stage1_f1, labeler.name, len(ids))
     results = {

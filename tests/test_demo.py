@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from amrg.demo import DemoError, baseline_reports, run_demo, stage1_sentences
+from amrg.demo import DemoError, baseline_reports, run_demo, stage1_agreement, stage1_sentences
 
 ROWS = (
     "full model",
@@ -36,6 +36,7 @@ COLUMNS = (
     "CE micro-F1",
     "CE macro-F1",
     "stage-1 micro-F1",
+    "states stage 1",
     "distinct",
     "report recall (random)",
     "visual recall (random)",
@@ -117,6 +118,18 @@ def test_stage1_prediction_as_text() -> None:
     assert stage1_sentences(["Cardiomegaly", "Pleural Effusion"]) == "cardiomegaly . pleural effusion ."
 
 
+def test_stage1_agreement_is_the_micro_f1_of_written_against_predicted_labels() -> None:
+    written = [_codes(1, 9), _codes(13), [0, -1, *([None] * 12)]]
+    written[1][2] = -1  # uncertain and negative mentions do not state a finding
+    # study 1 states its predicted finding and one more, study 2 exactly its one, study 3 misses its one:
+    # TP 2, FP 1, FN 1
+    assert stage1_agreement(written, [{1}, {13}, {4}]) == pytest.approx(2 / 3)
+    assert stage1_agreement(written[:2], [{1, 9}, {13}]) == 1.0
+    assert stage1_agreement([_codes()], [set()]) == 0.0  # nothing to state and nothing stated
+    with pytest.raises(ValueError, match="2 reports but 1 stage-1 predictions"):
+        stage1_agreement(written[:2], [{1}])
+
+
 def test_stage1_as_text_is_read_back_as_its_labels() -> None:
     """Every label's sentence reads as that label (an upper bound on what a reporter can say about
     stage 1's findings); support devices alone leave No Finding positive, as in CheXpert."""
@@ -166,6 +179,7 @@ def test_tiny_demo_runs_every_stage_and_writes_the_table(tmp_path: Path) -> None
     assert 0.0 <= results["stage1_micro_f1"] <= 1.0
     assert results["labeler"] == "chexpert-rules"
     for row in results["rows"]:
+        assert 0.0 <= row["stage1_agreement"] <= 1.0, row["name"]
         assert set(row["intervals"]) == {"bleu4", "cider", "rouge_l", "ce_micro_f1", "ce_macro_f1"}
         assert all(0.0 <= low <= high for low, high in row["intervals"].values()), row["name"]
         kinds = RECALLS.get(row["name"], set())
