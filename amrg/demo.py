@@ -276,8 +276,9 @@ def stage1_agreement(report_labels: Sequence[Sequence[int | None]], predicted: S
     """How much of the stage-1 prediction the reports state: micro-F1 (14 labels) between the labels read
     as positive in each report and the labels stage 1 predicts for its study at 0.5.
 
-    1.0 for a reporter that writes exactly what stage 1 decides (the "stage 1 as text" row); the CE gap
-    between a reporter and that row is what the reporter loses in the writing.
+    1.0 for a reporter whose reports are read back as exactly what stage 1 decides; the "stage 1 as
+    text" row comes close (0.98 on the demo: the labeler's No Finding rule differs from stage 1's own No
+    Finding output for some studies). A reporter's CE gap to that row is what it loses in the writing.
 
     Args:
         report_labels: per report, the labeler's 14 codes (1 positive; 0, -1 and None are not).
