@@ -197,6 +197,7 @@ def build_report_generator(
     queries: Literal["disease", "pooled"] = "disease",
     findings_threshold: float = 0.5,
     training_findings: Literal["stage1", "labels"] = "stage1",
+    findings_embedding: bool = False,
     forbidden_ids: Sequence[str] = (),
 ) -> ReportGenerator:
     """Assemble the stage-2 network from a stage-1 checkpoint, a memory folder and an LLM.
@@ -239,6 +240,8 @@ def build_report_generator(
             :class:`~amrg.models.reporter.ReportGenerator`).
         training_findings: ``"stage1"`` or ``"labels"``: what the findings placeholder states in the
             training loss (see :class:`~amrg.models.reporter.ReportGenerator`).
+        findings_embedding: also state the findings as a learned vector added to every report token's
+            embedding (see :class:`~amrg.models.reporter.ReportGenerator`; not with ``decoding.compile``).
         forbidden_ids: study ids the memories must not hold (the run's val/test ids; ReporterModule also
             checks the datamodule's own when a run starts).
 
@@ -357,6 +360,7 @@ def build_report_generator(
         "queries": queries,
         "findings_threshold": findings_threshold,
         "training_findings": training_findings,
+        "findings_embedding": findings_embedding,
         **asdict(decoding),
     }
     net = ReportGenerator(

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -72,6 +73,7 @@ __all__ = [
     "generate_reports",
     "load_causal_lm",
     "report_loss",
+    "token_offset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -810,6 +812,42 @@ def report_loss(model: nn.Module, inputs: LLMInputs) -> Tensor:
     picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, H]
     logits = head(picked).float()  # [N, V]
     return nn.functional.cross_entropy(logits, targets.reshape(-1).index_select(0, positions))
+
+
+@contextmanager
+def token_offset(model: nn.Module, offset: Tensor | None) -> Iterator[None]:
+    """Inside the block, add one vector per sample to every token ``model`` embeds as a batch.
+
+    A conditioning path that needs no attention: the vector is part of each report token's input, in
+    training (:func:`build_inputs` embeds the reports as one [B, R] batch) and in generation (``generate``
+    embeds each new token as [B * beams, 1], a sample's beams in consecutive rows). Embeddings of another
+    rank (the prompt's shared pieces, [T, H]) are left as they are.
+
+    Args:
+        model: the causal LM (plain or peft-wrapped); its ``get_input_embeddings()`` is hooked.
+        offset: [B, H] in the embedding width, or None (nothing changes).
+
+    Raises:
+        ValueError: (inside the block) a batch of embeddings whose size is not a multiple of B.
+    """
+    if offset is None:
+        yield
+        return
+    samples = offset.shape[0]
+
+    def add(module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
+        if out.dim() != 3:
+            return None
+        if out.shape[0] % samples:
+            raise ValueError(f"embedded a batch of {out.shape[0]} rows for an offset of {samples} samples")
+        rows = offset.to(out.dtype).repeat_interleave(out.shape[0] // samples, dim=0)  # [B * k, H]
+        return out + rows.unsqueeze(1)
+
+    handle = model.get_input_embeddings().register_forward_hook(add)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # --------------------------------------------------------------------------------------------------

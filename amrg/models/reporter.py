@@ -41,6 +41,7 @@ from amrg.models.llm import (
     build_inputs,
     generate_reports,
     report_loss,
+    token_offset,
 )
 
 __all__ = ["GeneratorPrediction", "RecalledItem", "ReportGenerator", "VisualPrefix", "memory_items"]
@@ -48,6 +49,10 @@ __all__ = ["GeneratorPrediction", "RecalledItem", "ReportGenerator", "VisualPref
 _logger = logging.getLogger(__name__)
 
 MemoryName = Literal["visual", "report"]
+_NO_COMPILE = (
+    "findings_embedding does not combine with compile (a compiled decode step would not see the vector it "
+    "adds); use compile='off'"
+)
 _PREFIX_SOURCES = ("patch", "disease", "visual_recall", "report_recall")
 
 
@@ -186,10 +191,16 @@ class ReportGenerator(nn.Module):
         findings_threshold: when ``instruction`` holds :data:`~amrg.models.llm.FINDINGS_PLACEHOLDER`, the
             labels whose stage-1 probability reaches this are written there as text, in training and in
             generation alike (a diagnosis prompt, as PromptMRG's; not in the AM-MRG paper).
-        training_findings: what the findings placeholder states in the training loss: ``"stage1"`` (the
-            stage-1 positives, as in generation) or ``"labels"`` (the study's annotated positives, when the
-            loss is given them: the diagnosis is teacher-forced, so the LLM learns to write what the
-            prompt states and nothing else). Generation and the validation loss always state stage 1's.
+        training_findings: what the findings placeholder (and the findings embedding) states in the
+            training loss: ``"stage1"`` (the stage-1 positives, as in generation) or ``"labels"`` (the
+            study's annotated positives, when the loss is given them: the diagnosis is teacher-forced, so
+            the LLM learns to write what the prompt states and nothing else). Generation and the
+            validation loss always state stage 1's.
+        findings_embedding: also state the findings as one learned vector per label (zero at the start),
+            whose sum over the stated labels is added to the input embedding of every report token, in
+            training and generation alike (:func:`~amrg.models.llm.token_offset`): the LLM gets the
+            diagnosis at every step without having to attend back to it (not in the AM-MRG paper). Not
+            with ``compile``.
 
     Raises:
         ValueError: widths of the classifier, retrievers and memories that do not fit together.
@@ -220,6 +231,7 @@ class ReportGenerator(nn.Module):
         queries: Literal["disease", "pooled"] = "disease",
         findings_threshold: float = 0.5,
         training_findings: Literal["stage1", "labels"] = "stage1",
+        findings_embedding: bool = False,
     ) -> None:
         super().__init__()
         width = classifier.qformer.hidden_size
@@ -257,6 +269,8 @@ class ReportGenerator(nn.Module):
                 f"{min_new_tokens} and {max_new_tokens}"
             )
         problems += check_fast_path(cache, compile)
+        if findings_embedding and compile != "off":
+            problems.append(_NO_COMPILE)
         if problems:
             raise ValueError("ReportGenerator: " + "; ".join(problems))
 
@@ -295,6 +309,10 @@ class ReportGenerator(nn.Module):
             }
         )
         self.prefix_norm = nn.LayerNorm(hidden)
+        # Zero at the start: a network built with it writes what one built without it writes until it trains.
+        self.findings_embed = (
+            nn.Parameter(torch.zeros(classifier.num_labels, hidden)) if findings_embedding else None
+        )
 
         self.visual_provenance: list[dict[str, Any]] = [dict(r) for r in visual_provenance]
         self.report_provenance: list[dict[str, Any]] = [dict(r) for r in report_provenance]
@@ -478,8 +496,8 @@ class ReportGenerator(nn.Module):
             pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)  # [B, D]
         return pooled.unsqueeze(1).expand(-1, num_queries, -1)  # [B, Q, D]
 
-    def findings(self, visual: VisualPrefix, labels: Tensor | None = None) -> list[list[str]] | None:
-        """The label names the prompt states for each study, or None when the prompt states none.
+    def stated(self, visual: VisualPrefix, labels: Tensor | None = None) -> Tensor:
+        """Which labels are stated for each study, [B, Q] bool.
 
         Args:
             visual: the output of :meth:`encode`; its stage-1 probabilities >= the findings threshold are
@@ -487,13 +505,24 @@ class ReportGenerator(nn.Module):
             labels: [B, Q] label codes (1 positive, 0 negative, -1 uncertain, NaN unmentioned); when given,
                 the positives (1) are stated instead of stage 1's.
         """
+        if labels is not None:
+            return labels.to(visual.logits.device) == 1  # [B, Q]
+        return torch.sigmoid(visual.logits.float()) >= self.findings_threshold  # [B, Q]
+
+    def findings(self, visual: VisualPrefix, labels: Tensor | None = None) -> list[list[str]] | None:
+        """The label names the prompt states for each study (:meth:`stated`), or None when the prompt
+        states none."""
         if not self.prompt.has_findings:
             return None
-        if labels is not None:
-            positive = labels.to(visual.logits.device) == 1  # [B, Q]
-        else:
-            positive = torch.sigmoid(visual.logits.float()) >= self.findings_threshold  # [B, Q]
-        return [[LABELS[q] for q in row.nonzero().flatten().tolist()] for row in positive]
+        return [[LABELS[q] for q in row.nonzero().flatten().tolist()] for row in self.stated(visual, labels)]
+
+    def findings_offset(self, visual: VisualPrefix, labels: Tensor | None = None) -> Tensor | None:
+        """The findings embedding's vector for each study, [B, H] (the sum of its stated labels' vectors),
+        or None without a findings embedding."""
+        if self.findings_embed is None:
+            return None
+        stated = self.stated(visual, labels).to(self.findings_embed.dtype)  # [B, Q]
+        return stated @ self.findings_embed  # [B, H]
 
     # ------------------------------------------------------------------ training
     def loss_from_prefix(
@@ -510,15 +539,17 @@ class ReportGenerator(nn.Module):
         Returns:
             The mean cross-entropy over report tokens, a scalar.
         """
-        inputs = build_inputs(
-            self.llm.get_input_embeddings(),
-            self.prompt,
-            visual.prefix,
-            reports,
-            max_report_tokens=self.max_report_tokens,
-            prefix_mask=visual.prefix_mask,
-            findings=self.findings(visual, labels if self.training_findings == "labels" else None),
-        )
+        stated_labels = labels if self.training_findings == "labels" else None
+        with token_offset(self.llm, self.findings_offset(visual, stated_labels)):
+            inputs = build_inputs(
+                self.llm.get_input_embeddings(),
+                self.prompt,
+                visual.prefix,
+                reports,
+                max_report_tokens=self.max_report_tokens,
+                prefix_mask=visual.prefix_mask,
+                findings=self.findings(visual, stated_labels),
+            )
         return report_loss(self.llm, inputs)
 
     def forward(
@@ -569,6 +600,10 @@ class ReportGenerator(nn.Module):
         Returns:
             B reports.
         """
+        options = self._decoding(decoding)
+        offset = self.findings_offset(visual)
+        if offset is not None and options["compile"] != "off":
+            raise ConfigError("decoding: " + _NO_COMPILE)
         inputs = build_generation_inputs(
             self.llm.get_input_embeddings(),
             self.prompt,
@@ -576,9 +611,10 @@ class ReportGenerator(nn.Module):
             visual.prefix_mask,
             self.findings(visual),
         )
-        return generate_reports(
-            self.llm, self.tokenizer, inputs.inputs_embeds, inputs.attention_mask, **self._decoding(decoding)
-        )
+        with token_offset(self.llm, offset):
+            return generate_reports(
+                self.llm, self.tokenizer, inputs.inputs_embeds, inputs.attention_mask, **options
+            )
 
     @torch.no_grad()
     def generate(self, images: Tensor, view_mask: Tensor | None = None, **decoding: Any) -> list[str]:

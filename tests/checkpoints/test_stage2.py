@@ -130,6 +130,18 @@ def test_a_tiny_checkpoint_alone_rebuilds_the_same_network(tmp_path: Path) -> No
     assert_same_network(net, load_stage2(moved))
 
 
+def test_a_findings_embedding_is_recorded_and_survives_a_round_trip(tmp_path: Path) -> None:
+    files = stage2_files(tmp_path / "run")
+    net = build(files, findings_embedding=True)
+    train_a_little(net)
+    assert net.findings_embed is not None and net.findings_embed.abs().sum() > 0  # it trained
+    ckpt = save(net, tmp_path / "stage2.ckpt")
+    assert read(ckpt)[RECORD_KEY]["settings"]["findings_embedding"] is True
+    loaded = load_stage2(ckpt)
+    assert_same_network(net, loaded)
+    assert load_stage2(save(build(files), tmp_path / "plain.ckpt")).findings_embed is None
+
+
 def _checkpointed(net: ReportGenerator) -> bool:
     flags = [m.gradient_checkpointing for m in net.llm.modules() if hasattr(m, "gradient_checkpointing")]
     assert flags  # the tiny Llama's model and decoder layers carry the switch

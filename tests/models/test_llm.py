@@ -31,6 +31,7 @@ from amrg.models.llm import (
     generate_reports,
     load_causal_lm,
     report_loss,
+    token_offset,
 )
 from amrg.models.tokenizer import train_report_tokenizer
 from tests.models.test_tokenizer import toy_reports
@@ -676,3 +677,31 @@ def test_report_loss_is_the_models_loss_with_the_head_on_report_positions_only(
         torch.testing.assert_close(a, b)
     labelled = int((inputs.labels[:, 1:] != IGNORE_INDEX).sum())
     assert heads == [labelled, inputs.labels.numel()]  # ours: the labelled positions; the model's: all
+
+
+class _Embedder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+
+def test_token_offset_adds_each_samples_vector_to_its_batched_tokens_only() -> None:
+    model = _Embedder()
+    offset = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]])  # [B=2, H]
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    plain = model.embed(ids)
+    with token_offset(model, offset):
+        torch.testing.assert_close(model.embed(ids), plain + offset[:, None])  # [B, T]: training reports
+        shared = torch.tensor([7, 8])
+        assert torch.equal(model.embed(shared), model.embed.weight[shared])  # [T]: the prompt's pieces
+        beams = torch.tensor([[1], [1], [1], [2], [2], [2]])  # [B * 3, 1]: a sample's beams together
+        expected = model.embed.weight[beams] + offset.repeat_interleave(3, dim=0)[:, None]
+        torch.testing.assert_close(model.embed(beams), expected)
+        with pytest.raises(ValueError, match="a batch of 3 rows for an offset of 2 samples"):
+            model.embed(torch.tensor([[1], [2], [3]]))
+    assert torch.equal(model.embed(ids), plain)  # gone after the block
+    with token_offset(model, None):
+        assert torch.equal(model.embed(ids), plain)

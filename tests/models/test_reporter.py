@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from amrg.errors import ConfigError
 from amrg.labels import LABELS
 from amrg.memory.bank import MemoryBank
 from amrg.models.classifier import DiseaseClassifier
@@ -498,6 +499,60 @@ def test_findings_prompt_states_the_stage1_positives_in_training_and_generation(
     assert len(net.generate_from_prefix(visual, num_beams=1, max_new_tokens=3, min_new_tokens=1)) == 2
     with pytest.raises(ValueError, match=r"findings_threshold must be in \(0, 1\)"):
         make_generator(tokenizers["llama"], instruction=instruction, findings_threshold=1.0)
+
+
+def _study(visual, i: int):
+    """Study ``i`` of an encoded batch, as a batch of one."""
+    mask = None if visual.prefix_mask is None else visual.prefix_mask[i : i + 1]
+    return type(visual)(visual.prefix[i : i + 1], mask, visual.logits[i : i + 1])
+
+
+def test_findings_embedding_starts_as_a_no_op_and_trains_the_stated_labels_rows(tokenizers) -> None:
+    torch.manual_seed(0)
+    plain = make_generator(tokenizers["llama"]).eval()
+    net = make_generator(tokenizers["llama"], findings_embedding=True, training_findings="labels").eval()
+    missing = net.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["findings_embed"] and plain.findings_embed is None
+    assert net.findings_embed.shape == (14, net.llm_hidden_size) and not net.findings_embed.any()
+    images, view_mask = batch()
+    visual = net.encode(images, view_mask)
+    labels = torch.zeros(2, 14)
+    labels[0, LABELS.index("Edema")] = labels[1, LABELS.index("Fracture")] = 1
+    labels[1, LABELS.index("Pneumonia")] = -1  # uncertain: not stated
+    reports = ["heart is enlarged.", "lungs are clear."]
+    # zero vectors: the same loss and the same reports as without the embedding
+    assert torch.equal(net.loss_from_prefix(visual, reports, labels), plain.loss_from_prefix(visual, reports))
+    assert net.generate_from_prefix(visual) == plain.generate_from_prefix(visual)
+    # training states the labels (training_findings="labels"): only their rows get a gradient
+    net.train()
+    net.loss_from_prefix(visual, reports, labels).backward()
+    grad = net.findings_embed.grad
+    rows = {LABELS.index("Edema"), LABELS.index("Fracture")}
+    assert all(grad[q].abs().sum() > 0 for q in rows)
+    assert not grad[[q for q in range(14) if q not in rows]].any()
+    offset = net.findings_offset(visual, labels)
+    torch.testing.assert_close(offset[1], net.findings_embed[LABELS.index("Fracture")])
+
+
+def test_findings_embedding_conditions_every_beam_of_every_study(tokenizers) -> None:
+    torch.manual_seed(0)
+    net = make_generator(tokenizers["llama"], findings_embedding=True, max_new_tokens=8).eval()
+    images, view_mask = batch(3)
+    visual = net.encode(images, view_mask)
+    visual.logits = torch.full_like(visual.logits, -5.0)
+    visual.logits[0, LABELS.index("Cardiomegaly")] = visual.logits[2, LABELS.index("Edema")] = 5.0
+    before = net.generate_from_prefix(visual, num_beams=3)
+    with torch.no_grad():
+        net.findings_embed.normal_(0.0, 1.0)
+    batched = net.generate_from_prefix(visual, num_beams=3)
+    # each study's beams get its own vector: the batch writes what each study alone writes
+    assert batched == [net.generate_from_prefix(_study(visual, i), num_beams=3)[0] for i in range(3)]
+    assert batched[1] == before[1]  # nothing stated: a zero vector
+    assert batched[0] != before[0] and batched[2] != before[2]
+    with pytest.raises(ValueError, match="findings_embedding does not combine with compile"):
+        make_generator(tokenizers["llama"], findings_embedding=True, cache="static", compile="default")
+    with pytest.raises(ConfigError, match="findings_embedding does not combine with compile"):
+        net.generate_from_prefix(visual, cache="static", compile="default")
 
 
 # --------------------------------------------------------------------------------------------------
