@@ -203,7 +203,8 @@ class ReportGenerator(nn.Module):
             with ``compile``.
 
     Raises:
-        ValueError: widths of the classifier, retrievers and memories that do not fit together.
+        ConfigError: (a ValueError) options out of range or that do not combine, and widths of the
+            classifier, retrievers and memories that do not fit together; all of them in one message.
     """
 
     def __init__(
@@ -272,7 +273,7 @@ class ReportGenerator(nn.Module):
         if findings_embedding and compile != "off":
             problems.append(_NO_COMPILE)
         if problems:
-            raise ValueError("ReportGenerator: " + "; ".join(problems))
+            raise ConfigError("ReportGenerator: " + "; ".join(problems))
 
         self.classifier = classifier
         self.llm = llm
