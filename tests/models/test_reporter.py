@@ -549,7 +549,8 @@ def test_findings_embedding_conditions_every_beam_of_every_study(tokenizers) -> 
     assert batched == [net.generate_from_prefix(_study(visual, i), num_beams=3)[0] for i in range(3)]
     assert batched[1] == before[1]  # nothing stated: a zero vector
     assert batched[0] != before[0] and batched[2] != before[2]
-    with pytest.raises(ValueError, match="findings_embedding does not combine with compile"):
+    # a ConfigError (a ValueError): `amrg fit` prints it as one line
+    with pytest.raises(ConfigError, match="findings_embedding does not combine with compile"):
         make_generator(tokenizers["llama"], findings_embedding=True, cache="static", compile="default")
     with pytest.raises(ConfigError, match="findings_embedding does not combine with compile"):
         net.generate_from_prefix(visual, cache="static", compile="default")
