@@ -286,11 +286,11 @@ def stage1_agreement(report_labels: Sequence[Sequence[int | None]], predicted: S
     """
     import torch
 
-    from amrg.metrics.clinical import precision_recall_f1
+    from amrg.metrics.clinical import binarise_labels, precision_recall_f1
 
     if len(report_labels) != len(predicted):
         raise ValueError(f"{len(report_labels)} reports but {len(predicted)} stage-1 predictions")
-    written = torch.tensor([[code == 1 for code in codes] for codes in report_labels], dtype=torch.bool)
+    written = binarise_labels(report_labels, uncertain_positive=False)  # [N, 14]
     stated = torch.zeros_like(written)
     for row, labels in enumerate(predicted):
         stated[row, sorted(labels)] = True

@@ -33,8 +33,9 @@ at the report positions only)::
 The retrievers' cost is mostly the key/value projection of the 13,000 stored patterns (once per call,
 so it shrinks per sample as the batch grows). On real tensors each distinct pattern is projected once (a
 report stored under several labels is one pattern); the meta-device count has no values to compare and
-projects every row, so the retrievers' share above is an upper bound. Each of the 80-120 decoding steps after the prefill is
-LLM-only (the prefix sits in the KV cache), so generation's overhead is below the prefill's.
+projects every row, so the retrievers' share above is an upper bound. Each of the 80-120 decoding steps
+after the prefill is LLM-only (the prefix sits in the KV cache), so generation's overhead is below the
+prefill's.
 
 Usage::
 
