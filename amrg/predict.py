@@ -103,13 +103,16 @@ def _image_problem(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> s
 
 
 def collect_studies(
-    inputs: Sequence[Path | str], group_views: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    inputs: Path | str | Sequence[Path | str],
+    group_views: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> list[StudyFiles]:
     """Turn files and folders into studies, checking every image up front.
 
     Args:
-        inputs: image files and/or folders. A file's study id is its stem; inside a folder, images are
-            found recursively and a study id is the image's path relative to the folder, without suffix.
+        inputs: an image file or folder, or a list of them. A file's study id is its stem; inside a
+            folder, images are found recursively and a study id is the image's path relative to the
+            folder, without suffix.
         group_views: each sub-folder of a given folder is one study (id: the sub-folder's relative path)
             whose images, sorted by name, are its views; images directly in the folder stay single studies.
         max_pixels: an image with more pixels (width x height, from its header) is refused; None for no
@@ -124,6 +127,8 @@ def collect_studies(
     """
     problems: list[str] = []
     studies: list[StudyFiles] = []
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
     if not inputs:
         raise PredictInputError(f"no input given: expected {_EXPECTED}")
     for given in inputs:
@@ -245,7 +250,7 @@ def _is_predictions_file(path: Path) -> bool:
 
 def predict_images(
     checkpoint: Path,
-    inputs: Sequence[Path],
+    inputs: Path | Sequence[Path],
     out: Path,
     batch_size: int = 8,
     device: str = "cpu",
@@ -276,7 +281,7 @@ def predict_images(
     Args:
         checkpoint: a stage-2 ``.ckpt`` written by :class:`~amrg.modules.reporter.ReporterModule`, or a
             stage-1 one (:class:`~amrg.modules.classifier.ClassifierModule`).
-        inputs: image files and/or folders of images (see :func:`collect_studies`).
+        inputs: an image file or a folder of images, or a list of them (see :func:`collect_studies`).
         out: the JSONL file to write (parent folders are created); never one of the inputs or a folder.
         batch_size: studies per forward pass.
         device: torch device, e.g. ``"cpu"``, ``"cuda"`` or ``"auto"``.

@@ -135,6 +135,36 @@ def test_group_views_prediction_runs(checkpoint: Path, images: Path, tmp_path: P
     assert [line["id"] for line in lines] == ["a", "sub"] and all(line["explanation"] == [] for line in lines)
 
 
+def test_the_command_line_takes_one_folder_without_list_brackets(
+    checkpoint: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from amrg import cli
+
+    write_image(images / "folder" / "sub" / "c.png", size=IMAGE_SIZE, seed=4)
+    out = tmp_path / "bare.jsonl"
+    common = [
+        "--group_views",
+        "true",
+        "--top_k_explanations",
+        "0",
+        "--progress",
+        "false",
+        "--max_new_tokens",
+        "4",
+    ]
+    cli.main(["predict-images", str(checkpoint), str(images / "folder"), str(out), *common])
+    listed = tmp_path / "listed.jsonl"
+    cli.main(["predict-images", str(checkpoint), json.dumps([str(images / "folder")]), str(listed), *common])
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "sub"]
+    assert out.read_text() == listed.read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        cli.main(["predict-images", str(checkpoint), str(tmp_path / "nothere"), str(tmp_path / "x.jsonl")])
+    err = capsys.readouterr().err
+    assert info.value.code != 0 and len(err.strip().splitlines()) == 1
+    assert "nothere' not found" in err and not (tmp_path / "x.jsonl").exists()
+
+
 def test_a_non_image_file_stops_with_one_message(checkpoint: Path, images: Path, tmp_path: Path) -> None:
     notes = images / "folder" / "notes.txt"
     broken = images / "broken.png"
