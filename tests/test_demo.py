@@ -130,6 +130,16 @@ def test_stage1_agreement_is_the_micro_f1_of_written_against_predicted_labels() 
         stage1_agreement(written[:2], [{1}])
 
 
+def test_positives_are_the_labels_at_or_above_a_reporters_threshold() -> None:
+    import torch
+
+    from amrg.demo import _positives
+
+    probs = torch.tensor([[0.5, 0.49, 0.3, 0.9], [0.1, 0.2, 0.29, 0.0]])
+    assert _positives(probs, 0.5) == [{0, 3}, set()]
+    assert _positives(probs, 0.3) == [{0, 1, 2, 3}, set()]  # a reporter told findings from 0.3 is scored so
+
+
 def test_stage1_as_text_is_read_back_as_its_labels() -> None:
     """Every label's sentence reads as that label (an upper bound on what a reporter can say about
     stage 1's findings); support devices alone leave No Finding positive, as in CheXpert."""
