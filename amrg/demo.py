@@ -158,7 +158,7 @@ def _run_stage(
     recipes = _recipe_hashes(args)
     if done.is_file() and artifact.exists():
         record = json.loads(done.read_text(encoding="utf-8"))
-        if record.get("args") == args and record.get("recipes") == recipes:
+        if _stage_key(record.get("args"), record.get("recipes")) == _stage_key(args, recipes):
             _logger.info("%s %s: done before (%s), reused", step, name, done)
             return float(record["seconds"])
     where = f" (output: {log})" if log is not None else ""
@@ -210,6 +210,14 @@ def _recipe_hashes(args: Sequence[str]) -> dict[str, str]:
     """sha256 of every recipe a command reads (``-c FILE``), so an edited recipe makes its stage run again."""
     files = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("-c", "--config")]
     return {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files}
+
+
+def _stage_key(args: Any, recipes: Any) -> list[str] | None:
+    """A stage's arguments with each recipe path replaced by its file's sha256: the same recipes read
+    from another checkout (a fresh clone, a moved folder) are the same stage."""
+    if not isinstance(args, list) or not isinstance(recipes, dict):
+        return None
+    return [f"<recipe {recipes[a]}>" if a in recipes else a for a in args]
 
 
 _MENTION = {"Lung Lesion": "lung nodule", "Pleural Other": "pleural thickening"}

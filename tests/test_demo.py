@@ -254,6 +254,13 @@ def test_an_edited_recipe_makes_its_stage_run_again(tmp_path: Path, monkeypatch:
     recipe.write_text("model: {lr: 2}\n")  # same arguments, other recipe: runs again
     demo._run_stage(tmp_path, "stage2", args, "[x]", tmp_path / "ckpt")
     assert len(calls) == 2
+    moved = tmp_path / "clone" / "stage2.yaml"  # the same recipe in another checkout: reused
+    moved.parent.mkdir()
+    moved.write_text(recipe.read_text())
+    demo._run_stage(tmp_path, "stage2", ["fit", "-c", str(moved)], "[x]", tmp_path / "ckpt")
+    assert len(calls) == 2
+    demo._run_stage(tmp_path, "stage2", ["fit", "-c", str(moved), "--seed", "1"], "[x]", tmp_path / "ckpt")
+    assert len(calls) == 3  # other arguments: runs again
 
 
 def test_a_failing_stage_names_itself_and_shows_the_end_of_its_output(
