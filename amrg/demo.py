@@ -214,7 +214,7 @@ def _recipe_hashes(args: Sequence[str]) -> dict[str, str]:
 
 def _stage_key(args: Any, recipes: Any) -> list[str] | None:
     """A stage's arguments with each recipe path replaced by its file's sha256: the same recipes read
-    from another checkout (a fresh clone, a moved folder) are the same stage."""
+    from another checkout (a fresh clone, a moved repository) are the same stage."""
     if not isinstance(args, list) or not isinstance(recipes, dict):
         return None
     return [f"<recipe {recipes[a]}>" if a in recipes else a for a in args]
@@ -354,7 +354,7 @@ def _stage1_predictions(ckpt: Path, data) -> tuple[list[str], Any, float]:
     return ids, probs, precision_recall_f1(probs >= 0.5, true)["micro_f1"]
 
 
-def _positives(probs, threshold: float) -> list[set[int]]:
+def _positives(probs: Any, threshold: float) -> list[set[int]]:
     """Per study, the labels whose probability is at least ``threshold``."""
     import torch
 
